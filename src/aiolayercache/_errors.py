@@ -1,0 +1,91 @@
+"""The error types of aiolayercache: one base, typed leaves that name what failed."""
+
+from __future__ import annotations
+
+__all__ = [
+    "AioLayerCacheError",
+    "CacheDirectoryError",
+    "CacheError",
+    "CacheWriteError",
+    "ChildNotFoundError",
+    "DecompressionError",
+    "DigestMismatchError",
+    "InvalidDigestError",
+    "LayerNotFoundError",
+    "ManifestError",
+    "SizeMismatchError",
+    "UnsupportedDigestError",
+    "ValidationError",
+]
+
+
+class AioLayerCacheError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class InvalidDigestError(AioLayerCacheError, ValueError):
+    """A digest string is not ``algorithm:hex`` of a known algorithm and exact length."""
+
+
+class UnsupportedDigestError(InvalidDigestError):
+    """A well-formed digest whose algorithm this package cannot compute."""
+
+
+class DigestMismatchError(AioLayerCacheError):
+    """Bytes read do not hash (or count) to what their descriptor promised.
+
+    ``what`` names the stream (a digest, a path, a URL), ``expected`` and
+    ``actual`` are the digests (or sizes, for :class:`SizeMismatchError`).
+    """
+
+    def __init__(self, what: str, expected: object, actual: object) -> None:
+        self.what = what
+        self.expected = expected
+        self.actual = actual
+        super().__init__(f"{what}: expected {expected}, got {actual}")
+
+
+class SizeMismatchError(DigestMismatchError):
+    """A stream ended short of, or ran past, its promised size."""
+
+    def __init__(self, what: str, expected: object, actual: object) -> None:
+        super().__init__(what, f"{expected} bytes", f"{actual} bytes")
+        self.expected = expected
+        self.actual = actual
+
+
+class LayerNotFoundError(AioLayerCacheError, LookupError):
+    """No layer with this hash is in the cache."""
+
+
+class ChildNotFoundError(AioLayerCacheError, LookupError):
+    """An index has no child manifest with this digest."""
+
+
+class ManifestError(AioLayerCacheError, ValueError):
+    """A manifest, index or config document is malformed, ambiguous or unsupported."""
+
+
+class ValidationError(AioLayerCacheError):
+    """``validate.image`` / ``validate.index`` found problems; ``findings`` lists each."""
+
+    def __init__(self, what: str, findings: list[str]) -> None:
+        self.what = what
+        self.findings = findings
+        super().__init__(f"{what}: " + "; ".join(findings))
+
+
+class CacheError(AioLayerCacheError):
+    """Base of cache failures."""
+
+
+class CacheDirectoryError(CacheError):
+    """The cache directory is misconfigured: not a directory, or cannot be created."""
+
+
+class CacheWriteError(CacheError):
+    """A cache entry could not be written (disk full, quota, I/O error)."""
+
+
+class DecompressionError(AioLayerCacheError):
+    """A compressed stream is corrupt or ends before its end marker."""
