@@ -168,7 +168,9 @@ class Platform:
         parts = s.split("/")
         if len(parts) not in (2, 3) or not all(parts):
             raise ValueError(f"invalid platform {s!r}: want os/arch[/variant]")
-        return cls(architecture=parts[1], os=parts[0], variant=parts[2] if len(parts) == 3 else None)
+        return cls(
+            architecture=parts[1], os=parts[0], variant=parts[2] if len(parts) == 3 else None
+        )
 
     @classmethod
     def _from_dict(cls, d: object, what: str) -> Platform:

@@ -85,9 +85,7 @@ class _Blobs:
             raise LayerNotFoundError(f"no manifest {desc.digest}") from None
 
 
-def _make_layer(
-    byte_size: int, media_type: str, rng: Random | None
-) -> tuple[bytes, Hash, Hash]:
+def _make_layer(byte_size: int, media_type: str, rng: Random | None) -> tuple[bytes, Hash, Hash]:
     name = _random_bytes(8, rng).hex()
     tar = _tar_one_file(name, _random_bytes(byte_size, rng))
     blob = _compress(tar, media_type)

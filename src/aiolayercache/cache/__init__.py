@@ -1,0 +1,285 @@
+"""Layer caches: the async port of go-containerregistry's ``pkg/v1/cache``, made better.
+
+``image(img, c)`` and ``image_index(ii, c)`` wrap sources so their layers are
+read from ``c`` when present and written to it as they are read otherwise;
+``prefetch`` warms a cache with a whole image or index tree in parallel.
+:class:`FilesystemCache` keeps ggcr's on-disk format, verifies every byte
+before an entry gets its name, commits atomically and fetches each entry once
+however many tasks want it; :class:`MemoryCache` holds bytes in memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import anyio
+from anyio.abc import ByteReceiveStream
+
+from .._errors import LayerNotFoundError
+from .._hash import Hash
+from .._protocols import Image, ImageIndex, Layer
+from .._types import ConfigFile, IndexManifest, Manifest, is_index_type
+from ..streams import drain
+from ._fs import FilesystemCache
+from ._memory import MemoryCache
+
+__all__ = [
+    "Cache",
+    "FilesystemCache",
+    "LayerNotFoundError",
+    "MemoryCache",
+    "PrefetchStats",
+    "image",
+    "image_index",
+    "prefetch",
+    "read_only",
+]
+
+
+@runtime_checkable
+class Cache(Protocol):
+    """Where layers are kept. ``put`` may be lazy: use the layer it returns."""
+
+    async def put(self, layer: Layer) -> Layer: ...
+    async def get(self, h: Hash) -> Layer: ...
+    async def delete(self, h: Hash) -> None: ...
+
+
+class _LazyLayer:
+    """A layer of a cached image: each stream is looked up in the cache first."""
+
+    def __init__(self, inner: Layer, c: Cache) -> None:
+        self._inner = inner
+        self._c = c
+
+    def __repr__(self) -> str:
+        return f"<lazily cached {self._inner!r}>"
+
+    async def digest(self) -> Hash:
+        return await self._inner.digest()
+
+    async def diff_id(self) -> Hash:
+        return await self._inner.diff_id()
+
+    async def size(self) -> int:
+        return await self._inner.size()
+
+    async def media_type(self) -> str:
+        return await self._inner.media_type()
+
+    async def compressed(self) -> ByteReceiveStream:
+        try:
+            return await (await self._c.get(await self._inner.digest())).compressed()
+        except LayerNotFoundError:
+            pass
+        return await (await self._c.put(self._inner)).compressed()
+
+    async def uncompressed(self) -> ByteReceiveStream:
+        try:
+            return await (await self._c.get(await self._inner.diff_id())).uncompressed()
+        except LayerNotFoundError:
+            pass
+        return await (await self._c.put(self._inner)).uncompressed()
+
+
+class _CachedImage:
+    def __init__(self, inner: Image, c: Cache) -> None:
+        self._inner = inner
+        self._c = c
+
+    def __repr__(self) -> str:
+        return f"<{self._inner!r} through {self._c!r}>"
+
+    async def layers(self) -> list[Layer]:
+        return [_LazyLayer(x, self._c) for x in await self._inner.layers()]
+
+    async def media_type(self) -> str:
+        return await self._inner.media_type()
+
+    async def size(self) -> int:
+        return await self._inner.size()
+
+    async def config_name(self) -> Hash:
+        return await self._inner.config_name()
+
+    async def config_file(self) -> ConfigFile:
+        return await self._inner.config_file()
+
+    async def raw_config_file(self) -> bytes:
+        return await self._inner.raw_config_file()
+
+    async def digest(self) -> Hash:
+        return await self._inner.digest()
+
+    async def manifest(self) -> Manifest:
+        return await self._inner.manifest()
+
+    async def raw_manifest(self) -> bytes:
+        return await self._inner.raw_manifest()
+
+    async def layer_by_digest(self, h: Hash) -> Layer:
+        try:
+            return await self._c.get(h)
+        except LayerNotFoundError:
+            pass
+        return await self._c.put(await self._inner.layer_by_digest(h))
+
+    async def layer_by_diff_id(self, h: Hash) -> Layer:
+        try:
+            return await self._c.get(h)
+        except LayerNotFoundError:
+            pass
+        return await self._c.put(await self._inner.layer_by_diff_id(h))
+
+
+class _CachedIndex:
+    def __init__(self, inner: ImageIndex, c: Cache) -> None:
+        self._inner = inner
+        self._c = c
+
+    def __repr__(self) -> str:
+        return f"<{self._inner!r} through {self._c!r}>"
+
+    async def media_type(self) -> str:
+        return await self._inner.media_type()
+
+    async def digest(self) -> Hash:
+        return await self._inner.digest()
+
+    async def size(self) -> int:
+        return await self._inner.size()
+
+    async def index_manifest(self) -> IndexManifest:
+        return await self._inner.index_manifest()
+
+    async def raw_manifest(self) -> bytes:
+        return await self._inner.raw_manifest()
+
+    async def image(self, h: Hash) -> Image:
+        return image(await self._inner.image(h), self._c)
+
+    async def image_index(self, h: Hash) -> ImageIndex:
+        return image_index(await self._inner.image_index(h), self._c)
+
+
+def image(img: Image, c: Cache) -> Image:
+    """``img`` whose layers are read from ``c`` when there, and written to it as read otherwise."""
+    return _CachedImage(img, c)
+
+
+def image_index(ii: ImageIndex, c: Cache) -> ImageIndex:
+    """``ii`` whose children (images and indexes, recursively) are wrapped with :func:`image`."""
+    return _CachedIndex(ii, c)
+
+
+class _ReadOnly:
+    def __init__(self, c: Cache) -> None:
+        self._c = c
+
+    def __repr__(self) -> str:
+        return f"read_only({self._c!r})"
+
+    async def put(self, layer: Layer) -> Layer:
+        return layer
+
+    async def get(self, h: Hash) -> Layer:
+        return await self._c.get(h)
+
+    async def delete(self, h: Hash) -> None:
+        return None
+
+
+def read_only(c: Cache) -> Cache:
+    """``c`` that is only read: ``put`` returns the layer unchanged and ``delete`` does nothing."""
+    return _ReadOnly(c)
+
+
+@dataclass(slots=True)
+class PrefetchStats:
+    """What :func:`prefetch` did: distinct layers, hits and misses, and bytes on each side."""
+
+    layers: int = 0
+    hits: int = 0
+    misses: int = 0
+    bytes_fetched: int = 0
+    bytes_from_cache: int = 0
+
+
+async def prefetch(
+    target: Image | ImageIndex,
+    c: Cache,
+    *,
+    concurrency: int = 8,
+    uncompressed: bool = False,
+) -> PrefetchStats:
+    """Read every distinct layer of ``target`` (an image, or an index tree) through ``c`` once.
+
+    Child manifests and layers are worked on in parallel tasks, at most
+    ``concurrency`` at a time. A layer already in ``c`` counts as a hit and is
+    not read again; a miss is read to its end through ``c`` (so it is cached
+    and verified). With ``uncompressed=True`` layers are keyed and read by
+    diff_id. Errors of any task propagate (the others are cancelled).
+    """
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be at least 1, not {concurrency}")
+    stats = PrefetchStats()
+    limiter = anyio.CapacityLimiter(concurrency)
+    seen_layers: set[Hash] = set()
+    seen_manifests: set[Hash] = set()
+
+    async def fetch_layer(layer: Layer) -> None:
+        async with limiter:
+            h = await (layer.diff_id() if uncompressed else layer.digest())
+            if h in seen_layers:
+                return
+            seen_layers.add(h)
+            stats.layers += 1
+            try:
+                hit = await c.get(h)
+            except LayerNotFoundError:
+                pass
+            else:
+                stats.hits += 1
+                size = getattr(hit, "stored_size", None)
+                if not isinstance(size, int):
+                    size = await hit.size()
+                stats.bytes_from_cache += size  # not `+= await`: that loses updates
+                return
+            stats.misses += 1
+            put = await c.put(layer)
+            stream = await (put.uncompressed() if uncompressed else put.compressed())
+            n = await drain(stream)
+            stats.bytes_fetched += n
+
+    async def walk_image(tg: anyio.abc.TaskGroup, img: Image) -> None:
+        async with limiter:
+            layers = await img.layers()
+        for layer in layers:
+            tg.start_soon(fetch_layer, layer)
+
+    async def walk_index(tg: anyio.abc.TaskGroup, ii: ImageIndex) -> None:
+        async with limiter:
+            im = await ii.index_manifest()
+        for desc in im.manifests:
+            if desc.digest in seen_manifests:
+                continue
+            seen_manifests.add(desc.digest)
+            tg.start_soon(walk_child, tg, ii, desc.digest, is_index_type(desc.media_type))
+
+    async def walk_child(tg: anyio.abc.TaskGroup, ii: ImageIndex, h: Hash, nested: bool) -> None:
+        if nested:
+            async with limiter:
+                child_ii = await ii.image_index(h)
+            await walk_index(tg, child_ii)
+        else:
+            async with limiter:
+                child = await ii.image(h)
+            await walk_image(tg, child)
+
+    async with anyio.create_task_group() as tg:
+        if isinstance(target, ImageIndex) and not isinstance(target, Image):
+            await walk_index(tg, target)
+        else:
+            await walk_image(tg, target)
+    return stats

@@ -1,0 +1,559 @@
+"""``FilesystemCache``: go-containerregistry's on-disk cache format, verified and atomic.
+
+Layout (compatible with ``crane --cache_path``)::
+
+    <cache>/sha256:<hex>                 one file per entry (sha256-<hex> on Windows)
+    <cache>/.aiolayercache/tmp/          temp files being filled
+    <cache>/.aiolayercache/meta/         proofs of verification and what we know of entries
+
+Compressed blobs are keyed by digest, uncompressed tars by diff_id. An entry
+gets its final name only after its bytes hashed to that name in full; reads
+of entries are hashed again as they stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import secrets
+import stat
+import weakref
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import aiofiles
+import anyio
+import anyio.to_thread
+from anyio.abc import ByteReceiveStream
+
+from .. import partial
+from .._errors import CacheDirectoryError, LayerNotFoundError
+from .._hash import Hash
+from .._protocols import Layer
+from .._types import MediaType
+from ..streams import CHUNK_SIZE, GZIP_MAGIC, ZSTD_MAGIC, FileStream, VerifyingStream
+
+__all__ = ["FilesystemCache"]
+
+log = logging.getLogger("aiolayercache.cache")
+
+Durability = Literal["full", "fast"]
+_STATE_DIR = ".aiolayercache"
+
+
+def _kind_of(head: bytes) -> str:
+    if head.startswith(GZIP_MAGIC):
+        return "gzip"
+    if head.startswith(ZSTD_MAGIC):
+        return "zstd"
+    return "tar"
+
+
+@dataclass(frozen=True, slots=True)
+class _Meta:
+    """What we know of one entry, and the proof that its current file was verified."""
+
+    size: int
+    mtime_ns: int
+    ino: int
+    kind: str  # gzip | zstd | tar
+    digest: str | None = None
+    diff_id: str | None = None
+    media_type: str | None = None
+
+    def proves(self, st: os.stat_result) -> bool:
+        return st.st_size == self.size and st.st_mtime_ns == self.mtime_ns and st.st_ino == self.ino
+
+
+# Proofs seen by this process, keyed by entry path (saves reading meta files).
+_PROOFS: dict[str, _Meta] = {}
+
+
+class _Flight:
+    """One task filling one entry; others wait on it (in-process single-flight)."""
+
+    def __init__(self, key: tuple[int, str]) -> None:
+        self.key = key
+        self.event = anyio.Event()
+        self._loop = asyncio.get_running_loop()
+
+    def release(self) -> None:
+        if _FLIGHTS.get(self.key) is self:
+            del _FLIGHTS[self.key]
+        self.event.set()
+
+    def release_threadsafe(self) -> None:
+        if _FLIGHTS.get(self.key) is self:
+            del _FLIGHTS[self.key]
+        if not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self.event.set)
+
+
+_FLIGHTS: dict[tuple[int, str], _Flight] = {}
+
+
+def _orphaned(tmp: str, flight: _Flight) -> None:
+    """Finalizer for a sink dropped without commit or abort (a stream never closed)."""
+    try:
+        os.unlink(tmp)
+    except OSError:
+        pass
+    flight.release_threadsafe()
+
+
+class _EntrySink:
+    """Writes a stream into a temp file and commits it by atomic rename.
+
+    Write failures (disk full, quota, I/O errors) never fail the read: the
+    sink logs one warning, counts it on the cache, drops its temp file and
+    lets the verified bytes pass through uncached.
+    """
+
+    def __init__(self, cache: FilesystemCache, h: Hash, info: dict[str, str], flight: _Flight):
+        self._cache = cache
+        self._h = h
+        self._info = info
+        self._flight = flight
+        self._final = cache._entry(h)
+        self._tmp = os.path.join(cache._tmpdir, f"{h.algorithm}-{h.hex}.{secrets.token_hex(6)}.tmp")
+        self._f: Any = None
+        self._head = b""
+        self._finalizer: weakref.finalize[Any, Any] | None = None
+
+    async def open(self) -> None:
+        try:
+            self._f = await aiofiles.open(self._tmp, "xb")
+        except OSError as exc:
+            self._f = None
+            self._report(exc)
+            return
+        self._finalizer = weakref.finalize(self, _orphaned, self._tmp, self._flight)
+
+    def _report(self, exc: OSError) -> None:
+        self._cache.write_errors += 1
+        log.warning("cache %s: not caching %s: %s", self._cache.path, self._h, exc)
+
+    async def _drop(self, exc: OSError) -> None:
+        self._report(exc)
+        await self._discard()
+
+    async def _discard(self) -> None:
+        f, self._f = self._f, None
+        if self._finalizer is not None:
+            self._finalizer.detach()
+        if f is not None:
+            try:
+                await f.close()
+            except OSError:
+                pass
+            try:
+                await anyio.to_thread.run_sync(os.unlink, self._tmp)
+            except OSError:
+                pass
+
+    async def write(self, chunk: bytes) -> None:
+        if self._f is None:
+            return
+        if len(self._head) < 4:
+            self._head += chunk[:4]
+        try:
+            await self._f.write(chunk)
+        except OSError as exc:
+            await self._drop(exc)
+
+    async def commit(self) -> None:
+        try:
+            if self._f is None:
+                return
+            f = self._f
+            try:
+                await f.flush()
+                if self._cache.durability == "full":
+                    await anyio.to_thread.run_sync(os.fsync, f.fileno())
+                self._f = None
+                await f.close()
+                if self._finalizer is not None:
+                    self._finalizer.detach()
+                await anyio.to_thread.run_sync(self._publish)
+            except OSError as exc:
+                self._f = f
+                await self._drop(exc)
+        finally:
+            self._flight.release()
+
+    def _publish(self) -> None:
+        os.replace(self._tmp, self._final)
+        if self._cache.durability == "full":
+            _fsync_dir(self._cache._root)
+        st = os.stat(self._final)
+        meta = _Meta(
+            size=st.st_size,
+            mtime_ns=st.st_mtime_ns,
+            ino=st.st_ino,
+            kind=_kind_of(self._head),
+            **self._info,
+        )
+        self._cache._save_meta(self._final, meta)
+
+    async def abort(self) -> None:
+        try:
+            with anyio.CancelScope(shield=True):
+                await self._discard()
+        finally:
+            self._flight.release()
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class FilesystemCache:
+    """A layer cache in a directory, in go-containerregistry's format.
+
+    ``durability="full"`` (the default) fsyncs each entry before its rename
+    and the directory after it; ``"fast"`` skips both. ``write_errors``
+    counts entries that could not be written (their reads went on uncached).
+    The directory is created, and checked, at first use.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, durability: Durability = "full") -> None:
+        if durability not in ("full", "fast"):
+            raise ValueError(f"durability must be 'full' or 'fast', not {durability!r}")
+        self.path = Path(path)
+        self.durability: Durability = durability
+        self.write_errors = 0
+        self._root = ""
+        self._tmpdir = ""
+        self._metadir = ""
+
+    def __repr__(self) -> str:
+        return f"FilesystemCache({os.fspath(self.path)!r})"
+
+    # --- setup and paths ---------------------------------------------------------
+
+    async def _ensure(self) -> None:
+        if not self._root:
+            await anyio.to_thread.run_sync(self._setup)
+
+    def _setup(self) -> None:
+        p = self.path
+        if p.exists() and not p.is_dir():
+            raise CacheDirectoryError(f"cache path {p} exists and is not a directory")
+        try:
+            (p / _STATE_DIR / "tmp").mkdir(parents=True, exist_ok=True)
+            (p / _STATE_DIR / "meta").mkdir(exist_ok=True)
+        except OSError as exc:
+            raise CacheDirectoryError(
+                f"cache path {p} cannot be used: {exc.strerror or exc}"
+            ) from exc
+        root = os.path.realpath(p)
+        self._tmpdir = os.path.join(root, _STATE_DIR, "tmp")
+        self._metadir = os.path.join(root, _STATE_DIR, "meta")
+        self._root = root
+
+    def _entry(self, h: Hash) -> str:
+        # A Hash is validated at construction: its file name has no separator.
+        name = h.filename
+        assert os.sep not in name and (os.altsep is None or os.altsep not in name)
+        return os.path.join(self._root, name)
+
+    def _meta_path(self, entry: str) -> str:
+        return os.path.join(self._metadir, os.path.basename(entry) + ".json")
+
+    # --- proofs ------------------------------------------------------------------
+
+    def _save_meta(self, entry: str, meta: _Meta) -> None:
+        _PROOFS[entry] = meta
+        tmp = os.path.join(self._tmpdir, f"meta.{secrets.token_hex(6)}.tmp")
+        try:
+            with open(tmp, "w") as f:
+                json.dump(asdict(meta), f)
+            os.replace(tmp, self._meta_path(entry))
+        except OSError as exc:
+            log.debug("cache %s: cannot save proof for %s: %s", self.path, entry, exc)
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+    def _load_meta(self, entry: str) -> _Meta | None:
+        m = _PROOFS.get(entry)
+        if m is not None:
+            return m
+        try:
+            with open(self._meta_path(entry)) as f:
+                return _Meta(**json.load(f))
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def _forget(self, entry: str) -> None:
+        _PROOFS.pop(entry, None)
+        try:
+            os.unlink(self._meta_path(entry))
+        except OSError:
+            pass
+
+    def _lookup_sync(self, h: Hash) -> _Meta | None:
+        """The proven meta of entry ``h``; hash an unproven file first; None if absent or bad."""
+        entry = self._entry(h)
+        try:
+            st = os.stat(entry)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        m = self._load_meta(entry)
+        if m is not None and m.proves(st):
+            _PROOFS[entry] = m
+            return m
+        return self._verify_sync(h, entry, m)
+
+    def _verify_sync(self, h: Hash, entry: str, old: _Meta | None) -> _Meta | None:
+        hasher = h.hasher()
+        head = b""
+        try:
+            with open(entry, "rb", buffering=0) as f:
+                before = os.fstat(f.fileno())
+                while chunk := f.read(CHUNK_SIZE):
+                    if not head:
+                        head = chunk[:4]
+                    hasher.update(chunk)
+                after = os.fstat(f.fileno())
+        except FileNotFoundError:
+            return None
+        if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns):
+            return None  # being written by someone else right now: not proven
+        if hasher.hexdigest() != h.hex:
+            self._remove_if_same(entry, after)
+            log.warning("cache %s: removed entry %s: its bytes do not match", self.path, h)
+            return None
+        kind = _kind_of(head)
+        info: dict[str, Any] = {}
+        if old is not None:
+            info = {"digest": old.digest, "diff_id": old.diff_id, "media_type": old.media_type}
+        if kind == "tar":
+            info["diff_id"] = str(h)
+        else:
+            info["digest"] = str(h)
+        meta = _Meta(after.st_size, after.st_mtime_ns, after.st_ino, kind, **info)
+        self._save_meta(entry, meta)
+        return meta
+
+    def _remove_if_same(self, entry: str, seen: os.stat_result) -> None:
+        try:
+            now = os.stat(entry)
+        except FileNotFoundError:
+            return
+        if (now.st_ino, now.st_size, now.st_mtime_ns) == (
+            seen.st_ino,
+            seen.st_size,
+            seen.st_mtime_ns,
+        ):
+            try:
+                os.unlink(entry)
+            except FileNotFoundError:
+                pass
+            self._forget(entry)
+
+    async def _lookup(self, h: Hash) -> _Meta | None:
+        entry = self._entry(h)
+        m = _PROOFS.get(entry)
+        if m is not None:
+            # Fast path: one stat, no thread hop, for entries proven in this process.
+            try:
+                st = os.stat(entry)
+            except FileNotFoundError:
+                _PROOFS.pop(entry, None)
+                return None
+            if m.proves(st):
+                return m
+        result: _Meta | None = await anyio.to_thread.run_sync(self._lookup_sync, h)
+        return result
+
+    # --- reading and filling -----------------------------------------------------
+
+    async def _open_entry(self, h: Hash, meta: _Meta) -> ByteReceiveStream:
+        """A verified stream of entry ``h``; FileNotFoundError if it is gone."""
+        entry = self._entry(h)
+        fs = await FileStream.open(entry)
+        try:
+            st = os.fstat(fs._file.fileno())
+        except BaseException:
+            await fs.aclose()
+            raise
+
+        async def on_mismatch() -> None:
+            log.warning("cache %s: entry %s changed after it was verified; removed", self.path, h)
+            await anyio.to_thread.run_sync(self._remove_if_same, entry, st)
+
+        return VerifyingStream(
+            fs, h, meta.size, what=f"cache entry {entry}", on_mismatch=on_mismatch
+        )
+
+    async def _fill(
+        self,
+        h: Hash,
+        open_upstream: Callable[[], Awaitable[ByteReceiveStream]],
+        size: int | None,
+        info: dict[str, str],
+    ) -> ByteReceiveStream:
+        """A stream of ``h``: from the entry if present, else upstream teed into it."""
+        await self._ensure()
+        entry = self._entry(h)
+        key = (id(asyncio.get_running_loop()), entry)
+        while True:
+            flight = _FLIGHTS.get(key)
+            if flight is not None:
+                await flight.event.wait()
+                continue
+            meta = await self._lookup(h)
+            if meta is not None:
+                try:
+                    return await self._open_entry(h, meta)
+                except FileNotFoundError:
+                    continue
+            # Sync on purpose: checked and claimed in one step of the event loop.
+            if key in _FLIGHTS or os.path.exists(entry):  # noqa: ASYNC240
+                continue
+            break
+        flight = _Flight(key)
+        _FLIGHTS[key] = flight
+        try:
+            upstream = await open_upstream()
+        except BaseException:
+            flight.release()
+            raise
+        sink = _EntrySink(self, h, info, flight)
+        try:
+            await sink.open()
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await sink.abort()
+                await upstream.aclose()
+            raise
+        return VerifyingStream(upstream, h, size, what=str(h), sinks=[sink])
+
+    # --- the Cache protocol ------------------------------------------------------
+
+    async def put(self, layer: Layer) -> Layer:
+        """A layer whose streams fill this cache as they are read (lazily)."""
+        await self._ensure()
+        return _TeeLayer(self, layer)
+
+    async def get(self, h: Hash) -> Layer:
+        """The cached layer stored under ``h`` (a digest or a diff_id)."""
+        await self._ensure()
+        meta = await self._lookup(h)
+        if meta is None:
+            raise LayerNotFoundError(f"{h} is not in cache {self.path}")
+        return _cached_layer(self, h, meta)
+
+    async def delete(self, h: Hash) -> None:
+        """Remove the entry ``h``; :class:`LayerNotFoundError` if there is none."""
+        await self._ensure()
+        entry = self._entry(h)
+
+        def remove() -> None:
+            try:
+                os.unlink(entry)
+            except FileNotFoundError:
+                raise LayerNotFoundError(f"{h} is not in cache {self.path}") from None
+            finally:
+                self._forget(entry)
+
+        await anyio.to_thread.run_sync(remove)
+
+
+class _TeeLayer:
+    """What ``FilesystemCache.put`` returns: streams served from, or filling, the cache."""
+
+    def __init__(self, cache: FilesystemCache, inner: Layer) -> None:
+        self._cache = cache
+        self._inner = inner
+
+    def __repr__(self) -> str:
+        return f"<cached {self._inner!r} in {self._cache!r}>"
+
+    async def digest(self) -> Hash:
+        return await self._inner.digest()
+
+    async def diff_id(self) -> Hash:
+        return await self._inner.diff_id()
+
+    async def size(self) -> int:
+        return await self._inner.size()
+
+    async def media_type(self) -> str:
+        return await self._inner.media_type()
+
+    async def compressed(self) -> ByteReceiveStream:
+        h = await self._inner.digest()
+        size = await self._inner.size()
+        info = {"digest": str(h), "media_type": str(await self._inner.media_type())}
+        return await self._cache._fill(h, self._inner.compressed, size, info)
+
+    async def uncompressed(self) -> ByteReceiveStream:
+        h = await self._inner.diff_id()
+        info = {"diff_id": str(h), "media_type": str(await self._inner.media_type())}
+        return await self._cache._fill(h, self._inner.uncompressed, None, info)
+
+
+class _EntryOpener:
+    def __init__(self, cache: FilesystemCache, h: Hash) -> None:
+        self._cache = cache
+        self._h = h
+
+    async def __call__(self) -> ByteReceiveStream:
+        meta = await self._cache._lookup(self._h)
+        if meta is not None:
+            try:
+                return await self._cache._open_entry(self._h, meta)
+            except FileNotFoundError:
+                pass
+        raise LayerNotFoundError(f"{self._h} is no longer in cache {self._cache.path}")
+
+
+class _CachedCompressed(partial._CompressedLayer):
+    """A layer served from a compressed (gzip / zstd) entry, keyed by digest."""
+
+    def __init__(self, cache: FilesystemCache, h: Hash, meta: _Meta) -> None:
+        mt = meta.media_type or (
+            MediaType.OCI_LAYER_ZSTD if meta.kind == "zstd" else MediaType.DOCKER_LAYER
+        )
+        diff_id = Hash.parse(meta.diff_id) if meta.diff_id else None
+        super().__init__(_EntryOpener(cache, h), h, meta.size, mt, diff_id)
+        self.stored_size = meta.size
+        self._cache = cache
+        self._meta = meta
+
+    async def diff_id(self) -> Hash:
+        had = self._diff_id is not None
+        out = await super().diff_id()
+        if not had:
+            entry = self._cache._entry(self._digest)
+            m = replace(self._meta, diff_id=str(out))
+            await anyio.to_thread.run_sync(self._cache._save_meta, entry, m)
+        return out
+
+
+class _CachedUncompressed(partial._UncompressedLayer):
+    """A layer served from an uncompressed tar entry, keyed by diff_id; gzip'd on the fly."""
+
+    def __init__(self, cache: FilesystemCache, h: Hash, meta: _Meta) -> None:
+        mt = meta.media_type or MediaType.DOCKER_LAYER
+        super().__init__(_EntryOpener(cache, h), h, mt, 1)
+        self.stored_size = meta.size
+
+
+def _cached_layer(cache: FilesystemCache, h: Hash, meta: _Meta) -> Layer:
+    if meta.kind == "tar" and meta.digest != str(h):
+        return _CachedUncompressed(cache, h, meta)
+    return _CachedCompressed(cache, h, meta)
