@@ -132,9 +132,11 @@ def _digest(v: object, what: str) -> Hash:
 
 def _schema_version(doc: dict[str, Any], what: str) -> int:
     v = doc.get("schemaVersion")
+    if isinstance(v, bool):
+        raise ManifestError(f"{what}: schemaVersion must be 2, got {v!r}")
     if v == 1:
         raise ManifestError(f"{what}: Docker schema 1 manifests are not supported")
-    if v != 2 or isinstance(v, bool):
+    if v != 2:
         raise ManifestError(f"{what}: schemaVersion must be 2, got {v!r}")
     return 2
 

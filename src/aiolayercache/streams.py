@@ -61,6 +61,25 @@ async def _cpu(func: Callable[..., Any], *args: Any) -> Any:
     return func(*args)
 
 
+def _first_error(eg: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first real error of a task group's group (cancellations last)."""
+    leaves: list[BaseException] = []
+
+    def walk(e: BaseException) -> None:
+        if isinstance(e, BaseExceptionGroup):
+            for x in e.exceptions:
+                walk(x)
+        else:
+            leaves.append(e)
+
+    walk(eg)
+    cancelled = anyio.get_cancelled_exc_class()
+    for e in leaves:
+        if not isinstance(e, cancelled):
+            return e
+    return leaves[0] if leaves else eg
+
+
 class ChunkStream(ByteReceiveStream):
     """Base for chunk producers: subclasses implement ``_next`` and ``_aclose``.
 
@@ -245,11 +264,14 @@ class VerifyingStream(ChunkStream):
         async def recv() -> None:
             result[0] = await self._recv()
 
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(recv)
-            tg.start_soon(self._consume, cur)
-            for sink in self._sinks:
-                tg.start_soon(sink.write, cur)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(recv)
+                tg.start_soon(self._consume, cur)
+                for sink in self._sinks:
+                    tg.start_soon(sink.write, cur)
+        except BaseExceptionGroup as eg:
+            raise _first_error(eg) from None
         return result[0]
 
     async def _finish(self) -> None:

@@ -19,7 +19,7 @@ from anyio.abc import ByteReceiveStream
 from .._errors import LayerNotFoundError
 from .._hash import Hash
 from .._protocols import Image, ImageIndex, Layer
-from .._types import ConfigFile, IndexManifest, Manifest, is_index_type
+from .._types import ConfigFile, Descriptor, IndexManifest, Manifest, is_index_type
 from ..streams import drain
 from ._fs import FilesystemCache
 from ._memory import MemoryCache
@@ -118,7 +118,22 @@ class _CachedImage:
     async def raw_manifest(self) -> bytes:
         return await self._inner.raw_manifest()
 
+    async def _described(self, *, digest: Hash | None, diff_id: Hash | None) -> Layer | None:
+        """A lazily cached layer known from manifest and config alone, if they name it."""
+        descs = (await self._inner.manifest()).layers
+        diff_ids = (await self._inner.config_file()).rootfs.diff_ids
+        if len(descs) != len(diff_ids):
+            return None
+        for desc, d in zip(descs, diff_ids, strict=True):
+            if desc.digest == digest or d == diff_id:
+                return _LazyLayer(_DescribedLayer(self._inner, desc, d), self._c)
+        return None
+
     async def layer_by_digest(self, h: Hash) -> Layer:
+        # Answered from metadata: the wrapped image is asked only on a cache miss.
+        found = await self._described(digest=h, diff_id=None)
+        if found is not None:
+            return found
         try:
             return await self._c.get(h)
         except LayerNotFoundError:
@@ -126,11 +141,37 @@ class _CachedImage:
         return await self._c.put(await self._inner.layer_by_digest(h))
 
     async def layer_by_diff_id(self, h: Hash) -> Layer:
-        try:
-            return await self._c.get(h)
-        except LayerNotFoundError:
-            pass
+        found = await self._described(digest=None, diff_id=h)
+        if found is not None:
+            return found
         return await self._c.put(await self._inner.layer_by_diff_id(h))
+
+
+class _DescribedLayer:
+    """A layer of ``img`` described by its descriptor and diff_id; opened only when read."""
+
+    def __init__(self, img: Image, desc: Descriptor, diff_id: Hash) -> None:
+        self._img = img
+        self._desc = desc
+        self._diff_id = diff_id
+
+    async def digest(self) -> Hash:
+        return self._desc.digest
+
+    async def diff_id(self) -> Hash:
+        return self._diff_id
+
+    async def size(self) -> int:
+        return self._desc.size
+
+    async def media_type(self) -> str:
+        return self._desc.media_type
+
+    async def compressed(self) -> ByteReceiveStream:
+        return await (await self._img.layer_by_digest(self._desc.digest)).compressed()
+
+    async def uncompressed(self) -> ByteReceiveStream:
+        return await (await self._img.layer_by_digest(self._desc.digest)).uncompressed()
 
 
 class _CachedIndex:
