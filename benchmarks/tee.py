@@ -104,9 +104,20 @@ def hash_file(path: str) -> tuple[float, int, str]:
     return time.perf_counter() - t0, n, hexdigest
 
 
-def settle() -> None:
-    """Write back dirty pages (b' leaves 256 MiB of them) so they do not land in a timing."""
+def settle(prime: int = 0) -> None:
+    """Untimed, before each measurement: write back dirty pages, then touch ``prime`` bytes.
+
+    Dirty pages left by one scenario would otherwise be written back during
+    the next. Touching memory (then freeing it) matters on VMs with free-page
+    reporting (virtio-balloon): pages freed a few seconds earlier go back to
+    the host, and the first write into them again costs about ten times more
+    (a 256 MiB write into the page cache takes ~600 ms instead of ~60 ms),
+    which would land, at random, in the cold writes (b, b').
+    """
     os.sync()
+    if prime:
+        touched = bytearray(b"\x01") * prime
+        del touched
 
 
 def filesystem_of(path: str) -> str:
@@ -136,6 +147,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--dir",
         default=tempfile.gettempdir(),
         help="where the cache directories are made (default: the system temp dir)",
+    )
+    p.add_argument(
+        "--no-prime",
+        action="store_true",
+        help="do not touch 2x the layer size of memory before each cold write (see settle)",
     )
     p.add_argument("--json", type=Path, default=RESULTS, help=f"results file ({RESULTS})")
     args = p.parse_args(argv)
@@ -186,15 +202,16 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         times[key].append(elapsed)
         stalls[key].append(stall)
 
+    prime = 0 if args.no_prime else 2 * size
     for run in range(args.runs):
         cold = tempfile.mkdtemp(prefix="tee-full-", dir=base)
         fast = tempfile.mkdtemp(prefix="tee-fast-", dir=base)
         try:
             settle()
             record("a", await measure(read_plain))
-            settle()
+            settle(prime)
             record("b", await measure(read_cached(cold, "full")))
-            settle()
+            settle(prime)
             record("b'", await measure(read_cached(fast, "fast")))
             settle()
             record("c", await measure(read_cached(cold, "full")))
@@ -218,6 +235,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         "runs": args.runs,
         "dir": base,
         "filesystem": args.filesystem,
+        "memory_primed": not args.no_prime,
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
         "scenarios": {
@@ -250,7 +268,9 @@ def report(r: dict[str, Any]) -> str:
         f"median of {r['runs']} runs",
         "",
         f"cache dir: {r['dir']} ({r['filesystem']}); Python {r['python']}, {r['cpus']} CPUs; "
-        "MB = 10^6 bytes; the warm file is in the page cache for c and d",
+        "MB = 10^6 bytes; the warm file is in the page cache for c and d; "
+        + ("memory primed" if r["memory_primed"] else "memory NOT primed")
+        + " before b and b' (see settle())",
         "",
         "| scenario | what | median s | MB/s | worst stall ms |",
         "|---|---|---:|---:|---:|",

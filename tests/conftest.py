@@ -84,3 +84,125 @@ def entries(d: Path) -> list[str]:
 def temps(d: Path) -> list[str]:
     t = d / ".aiolayercache" / "tmp"
     return sorted(os.listdir(t)) if t.exists() else []
+
+
+# --- the real registry, a token server and fault proxies (session-wide) -----------------
+
+import asyncio as _asyncio  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+from dataclasses import dataclass as _dataclass  # noqa: E402
+
+from aiolayercache import ImageIndex, random  # noqa: E402
+
+from .registry import (  # noqa: E402
+    FaultProxy,
+    Registry,
+    TokenServer,
+    htpasswd,
+    push_image,
+    push_index,
+    registry_available,
+    start_registry,
+)
+
+USERS = {"alice": "s3cret-Pa55word"}
+PLATFORMS = ["linux/amd64", "linux/arm64/v8", "linux/arm/v7", "windows/amd64"]
+
+
+@_dataclass
+class Published:
+    small: Image
+    big: Image
+    oci: Image
+    multi: ImageIndex
+    small_digest: Hash
+    multi_digest: Hash
+
+
+def _need_registry() -> None:
+    if not registry_available():
+        if os.environ.get("CI"):
+            pytest.fail("docker-registry is missing in CI: .ci/run must install it")
+        pytest.skip("docker-registry is not installed (apt-get install docker-registry)")
+
+
+@pytest.fixture(scope="session")
+def registry_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("registry-data")
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory: pytest.TempPathFactory, registry_data: Path) -> Iterator[Registry]:
+    _need_registry()
+    reg = start_registry(tmp_path_factory.mktemp("registry-open"), registry_data)
+    yield reg
+    reg.stop()
+
+
+@pytest.fixture(scope="session")
+def published(registry: Registry) -> Published:
+    small = random.image(300 * 1024, 3, seed=1)
+    big = random.image(3 * 1024 * 1024, 2, seed=2)
+    oci = random.image(
+        100 * 1024, 2, media_type="application/vnd.oci.image.manifest.v1+json", seed=3
+    )
+    multi = random.index(64 * 1024, 2, len(PLATFORMS), platforms=PLATFORMS, seed=4)
+
+    async def push() -> tuple[Hash, Hash]:
+        d = await push_image(registry.host, "test/small", "v1", small)
+        await push_image(registry.host, "test/big", "v1", big)
+        await push_image(registry.host, "test/oci", "v1", oci)
+        m = await push_index(registry.host, "test/multi", "v1", multi)
+        return d, m
+
+    d, m = _asyncio.run(push())
+    return Published(small, big, oci, multi, d, m)
+
+
+@pytest.fixture(scope="session")
+def basic_registry(
+    tmp_path_factory: pytest.TempPathFactory, registry_data: Path, published: Published
+) -> Iterator[Registry]:
+    work = tmp_path_factory.mktemp("registry-basic")
+    htpasswd(work / "htpasswd", USERS)
+    auth = {"htpasswd": {"realm": "aiolayercache-test", "path": str(work / "htpasswd")}}
+    reg = start_registry(work, registry_data, auth)
+    yield reg
+    reg.stop()
+
+
+@pytest.fixture(scope="session")
+def token_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TokenServer]:
+    ts = TokenServer(tmp_path_factory.mktemp("token"), USERS)
+    ts.server.start()
+    yield ts
+    ts.server.stop()
+
+
+@pytest.fixture(scope="session")
+def token_registry(
+    tmp_path_factory: pytest.TempPathFactory,
+    registry_data: Path,
+    published: Published,
+    token_server: TokenServer,
+) -> Iterator[Registry]:
+    reg = start_registry(
+        tmp_path_factory.mktemp("registry-token"), registry_data, token_server.registry_auth()
+    )
+    yield reg
+    reg.stop()
+
+
+@pytest.fixture(scope="session")
+def _session_proxy(registry: Registry, published: Published) -> Iterator[FaultProxy]:
+    px = FaultProxy(registry.host).start()
+    yield px
+    px.stop()
+
+
+@pytest.fixture
+def proxy(_session_proxy: FaultProxy) -> Iterator[FaultProxy]:
+    """The fault proxy in front of the open registry, with no rules and zeroed counts."""
+    _session_proxy.reset()
+    yield _session_proxy
+    _session_proxy.reset()

@@ -19,8 +19,16 @@ from anyio.abc import ByteReceiveStream
 from .._errors import LayerNotFoundError
 from .._hash import Hash
 from .._protocols import Image, ImageIndex, Layer
-from .._types import ConfigFile, Descriptor, IndexManifest, Manifest, is_index_type
-from ..streams import drain
+from .._types import (
+    MAX_DOCUMENT_BYTES,
+    ConfigFile,
+    Descriptor,
+    IndexManifest,
+    Manifest,
+    is_index_type,
+)
+from ..partial import _ConfigLayer
+from ..streams import drain, read_all
 from ._fs import FilesystemCache
 from ._memory import MemoryCache
 
@@ -87,11 +95,21 @@ class _CachedImage:
     def __init__(self, inner: Image, c: Cache) -> None:
         self._inner = inner
         self._c = c
+        self._raw_config: bytes | None = None
+        self._config: ConfigFile | None = None
 
     def __repr__(self) -> str:
         return f"<{self._inner!r} through {self._c!r}>"
 
     async def layers(self) -> list[Layer]:
+        # From manifest and (cached) config alone, so a warm image reads no blob upstream.
+        descs = (await self._inner.manifest()).layers
+        diff_ids = (await self.config_file()).rootfs.diff_ids
+        if len(descs) == len(diff_ids):
+            return [
+                _LazyLayer(_DescribedLayer(self._inner, d, i), self._c)
+                for d, i in zip(descs, diff_ids, strict=True)
+            ]
         return [_LazyLayer(x, self._c) for x in await self._inner.layers()]
 
     async def media_type(self) -> str:
@@ -103,11 +121,24 @@ class _CachedImage:
     async def config_name(self) -> Hash:
         return await self._inner.config_name()
 
-    async def config_file(self) -> ConfigFile:
-        return await self._inner.config_file()
-
     async def raw_config_file(self) -> bytes:
-        return await self._inner.raw_config_file()
+        # The config is a blob too: kept in the cache, so a warm pull fetches no blob.
+        if self._raw_config is None:
+            desc = (await self._inner.manifest()).config
+            try:
+                hit = await self._c.get(desc.digest)
+                self._raw_config = await read_all(await hit.compressed(), MAX_DOCUMENT_BYTES)
+            except LayerNotFoundError:
+                raw = await self._inner.raw_config_file()
+                put = await self._c.put(_ConfigLayer(raw, desc))
+                await drain(await put.compressed())
+                self._raw_config = raw
+        return self._raw_config
+
+    async def config_file(self) -> ConfigFile:
+        if self._config is None:
+            self._config = ConfigFile.parse(await self.raw_config_file())
+        return self._config
 
     async def digest(self) -> Hash:
         return await self._inner.digest()
@@ -121,7 +152,7 @@ class _CachedImage:
     async def _described(self, *, digest: Hash | None, diff_id: Hash | None) -> Layer | None:
         """A lazily cached layer known from manifest and config alone, if they name it."""
         descs = (await self._inner.manifest()).layers
-        diff_ids = (await self._inner.config_file()).rootfs.diff_ids
+        diff_ids = (await self.config_file()).rootfs.diff_ids
         if len(descs) != len(diff_ids):
             return None
         for desc, d in zip(descs, diff_ids, strict=True):
