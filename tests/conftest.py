@@ -76,9 +76,21 @@ class Source:
         return sum(self.opens.values())
 
 
-def entries(d: Path) -> list[str]:
-    """Committed cache entries (files named like a digest) in ``d``."""
-    return sorted(n for n in os.listdir(d) if n.startswith("sha256:"))
+def entries(d: Path, *, configs: bool = False) -> list[str]:
+    """Committed layer entries (files named like a digest) in ``d``.
+
+    Image configs are cached too (so a warm pull reads no blob upstream); they
+    are left out unless ``configs`` is true.
+    """
+    out = []
+    for n in os.listdir(d):
+        if not n.startswith("sha256:"):
+            continue
+        with open(d / n, "rb") as f:
+            is_config = f.read(1) == b"{"
+        if configs or not is_config:
+            out.append(n)
+    return sorted(out)
 
 
 def temps(d: Path) -> list[str]:

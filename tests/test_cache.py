@@ -59,6 +59,7 @@ async def test_validate_index_twice_through_cache(tmp_path: Path, kind: str) -> 
     await validate.index(cache.image_index(ii, c))
     if kind == "fs":
         assert len(entries(tmp_path)) == 12  # 6 layers x (compressed + uncompressed)
+        assert len(entries(tmp_path, configs=True)) == 15  # and the 3 configs
 
 
 async def test_layers_are_lazy(tmp_path: Path) -> None:
@@ -395,8 +396,8 @@ async def test_disk_full_passes_verified_bytes_through_uncached(
     layer = (await cache.image(src.image(), fs).layers())[0]
     data = await read_all(await layer.compressed())
     assert Hash.of(data) == await layer.digest()
-    assert fs.write_errors == 1
-    assert sum("No space left" in r.getMessage() for r in caplog.records) == 1
+    assert fs.write_errors == 2  # the layer and the config, one warning each
+    assert sum("No space left" in r.getMessage() for r in caplog.records) == 2
     assert entries(tmp_path) == []
     assert temps(tmp_path) == []
 

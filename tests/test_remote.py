@@ -62,7 +62,7 @@ async def test_pull_by_tag_through_cache_validates_then_moves_zero_blob_bytes(
     await validate.image(img)
     first = proxy.stats.blob_bytes
     assert first > 3 * 300 * 1024
-    assert len(entries(tmp_path)) == 7  # 3 layers x 2 forms + the config
+    assert len(entries(tmp_path, configs=True)) == 7  # 3 layers x 2 forms + the config
     proxy.reset()
     again = cache.image(await client.image(f"{proxy.address}/test/small:v1"), fs)
     await validate.image(again)

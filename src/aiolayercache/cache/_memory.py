@@ -22,6 +22,7 @@ __all__ = ["MemoryCache"]
 class _Entry:
     data: bytes
     media_type: str | None
+    compressed: bool  # filled from compressed(): served as is (a blob, a config)
 
 
 class MemoryCache:
@@ -60,6 +61,7 @@ class MemoryCache:
         size: int | None,
         media_type: str,
         open_upstream: Callable[[], Awaitable[ByteReceiveStream]],
+        compressed: bool,
     ) -> Callable[[], Awaitable[ByteReceiveStream]]:
         async def open_() -> ByteReceiveStream:
             entry = self._entries.get(h)
@@ -67,7 +69,8 @@ class MemoryCache:
                 self._entries.move_to_end(h)
                 return BytesStream(entry.data)
             upstream = await open_upstream()
-            return VerifyingStream(upstream, h, size, sinks=[_MemSink(self, h, media_type)])
+            sink = _MemSink(self, h, media_type, compressed)
+            return VerifyingStream(upstream, h, size, sinks=[sink])
 
         return open_
 
@@ -84,7 +87,7 @@ class MemoryCache:
         async def opener() -> ByteReceiveStream:
             return BytesStream(data)
 
-        if data.startswith(GZIP_MAGIC) or data.startswith(ZSTD_MAGIC):
+        if entry.compressed or data.startswith(GZIP_MAGIC) or data.startswith(ZSTD_MAGIC):
             zstd = data.startswith(ZSTD_MAGIC)
             mt = entry.media_type or (MediaType.OCI_LAYER_ZSTD if zstd else MediaType.DOCKER_LAYER)
             return partial.compressed_layer(opener, digest=h, size=len(data), media_type=mt)
@@ -100,7 +103,8 @@ class MemoryCache:
 
 
 class _MemSink:
-    def __init__(self, cache: MemoryCache, h: Hash, media_type: str) -> None:
+    def __init__(self, cache: MemoryCache, h: Hash, media_type: str, compressed: bool) -> None:
+        self._compressed = compressed
         self._cache = cache
         self._h = h
         self._media_type = media_type
@@ -116,7 +120,9 @@ class _MemSink:
 
     async def commit(self) -> None:
         if self._size <= self._cache.max_bytes:
-            self._cache._store(self._h, _Entry(b"".join(self._parts), self._media_type))
+            self._cache._store(
+                self._h, _Entry(b"".join(self._parts), self._media_type, self._compressed)
+            )
         self._parts = []
 
     async def abort(self) -> None:
@@ -142,8 +148,8 @@ class _MemTeeLayer:
 
     async def compressed(self) -> ByteReceiveStream:
         h, size, mt = await self._inner.digest(), await self._inner.size(), await self.media_type()
-        return await self._cache._stream(h, size, mt, self._inner.compressed)()
+        return await self._cache._stream(h, size, mt, self._inner.compressed, True)()
 
     async def uncompressed(self) -> ByteReceiveStream:
         h, mt = await self._inner.diff_id(), await self.media_type()
-        return await self._cache._stream(h, None, mt, self._inner.uncompressed)()
+        return await self._cache._stream(h, None, mt, self._inner.uncompressed, False)()
