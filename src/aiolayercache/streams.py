@@ -25,6 +25,7 @@ from anyio.abc import ByteReceiveStream
 
 from ._errors import DecompressionError, DigestMismatchError, SizeMismatchError
 from ._hash import Hash
+from ._lane import Lane
 
 __all__ = [
     "CHUNK_SIZE",
@@ -59,25 +60,6 @@ async def _cpu(func: Callable[..., Any], *args: Any) -> Any:
     if size >= _THREAD_MIN:
         return await anyio.to_thread.run_sync(func, *args)
     return func(*args)
-
-
-def _first_error(eg: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The first real error of a task group's group (cancellations last)."""
-    leaves: list[BaseException] = []
-
-    def walk(e: BaseException) -> None:
-        if isinstance(e, BaseExceptionGroup):
-            for x in e.exceptions:
-                walk(x)
-        else:
-            leaves.append(e)
-
-    walk(eg)
-    cancelled = anyio.get_cancelled_exc_class()
-    for e in leaves:
-        if not isinstance(e, cancelled):
-            return e
-    return leaves[0] if leaves else eg
 
 
 class ChunkStream(ByteReceiveStream):
@@ -211,6 +193,11 @@ class VerifyingStream(ChunkStream):
     after the match and before the last chunk is released, or aborted on any
     failure, cancellation or early close. ``on_mismatch`` runs after a
     mismatch (a cache removes its entry there).
+
+    Hashing runs in a :class:`~aiolayercache._lane.Lane` beside the event
+    loop, so it overlaps with receiving the next chunk. When ``inner`` is
+    itself a ``VerifyingStream`` for the same digest, its verdict is trusted
+    and the bytes are not hashed twice (sizes are still counted).
     """
 
     def __init__(
@@ -231,6 +218,12 @@ class VerifyingStream(ChunkStream):
         self._sinks = list(sinks)
         self._on_mismatch = on_mismatch
         self._hasher = expected.hasher()
+        self._lane: Lane | None = None
+        self._trust_inner = (
+            isinstance(inner, VerifyingStream)
+            and inner.expected == expected
+            and (size is None or inner.expected_size in (None, size))
+        )
         self.received = 0
         self._ahead: bytes | None = None
         self._started = False
@@ -246,49 +239,37 @@ class VerifyingStream(ChunkStream):
         self.received += len(chunk)
         if self.expected_size is not None and self.received > self.expected_size:
             raise SizeMismatchError(self.what, self.expected_size, f"more than {self.received - 1}")
+        if not self._trust_inner:
+            if self._lane is None and len(chunk) >= _THREAD_MIN:
+                self._lane = Lane()
+            if self._lane is not None:
+                await self._lane.submit(self._hasher.update, chunk)
+            else:
+                self._hasher.update(chunk)
+        for sink in self._sinks:
+            await sink.write(chunk)
         return chunk
 
-    async def _consume(self, chunk: bytes) -> None:
-        if len(chunk) >= _THREAD_MIN:
-            await anyio.to_thread.run_sync(self._hasher.update, chunk)
-        else:
-            self._hasher.update(chunk)
-
-    async def _step(self, cur: bytes) -> bytes | None:
-        """Hash and sink ``cur`` while receiving the next chunk, concurrently."""
-        if not self._sinks and len(cur) < _THREAD_MIN:
-            self._hasher.update(cur)
-            return await self._recv()
-        result: list[bytes | None] = [None]
-
-        async def recv() -> None:
-            result[0] = await self._recv()
-
-        try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(recv)
-                tg.start_soon(self._consume, cur)
-                for sink in self._sinks:
-                    tg.start_soon(sink.write, cur)
-        except BaseExceptionGroup as eg:
-            raise _first_error(eg) from None
-        return result[0]
-
     async def _finish(self) -> None:
+        if self._lane is not None:
+            await self._lane.join()
         if self.expected_size is not None and self.received != self.expected_size:
             raise SizeMismatchError(self.what, self.expected_size, self.received)
-        actual = Hash(self.expected.algorithm, self._hasher.hexdigest())
-        if actual != self.expected:
-            raise DigestMismatchError(self.what, self.expected, actual)
+        if not self._trust_inner:
+            actual = Hash(self.expected.algorithm, self._hasher.hexdigest())
+            if actual != self.expected:
+                raise DigestMismatchError(self.what, self.expected, actual)
         self._settled = True
         for sink in self._sinks:
             await sink.commit()
 
     async def _abort(self) -> None:
-        if self._settled:
-            return
-        self._settled = True
         with anyio.CancelScope(shield=True):
+            if self._lane is not None:
+                await self._lane.close()
+            if self._settled:
+                return
+            self._settled = True
             for sink in self._sinks:
                 await sink.abort()
 
@@ -307,7 +288,7 @@ class VerifyingStream(ChunkStream):
                     return None
             cur = self._ahead
             assert cur is not None
-            nxt = await self._step(cur)
+            nxt = await self._recv()
             if nxt is None:
                 await self._finish()
                 self._ended = True

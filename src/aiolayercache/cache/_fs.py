@@ -14,6 +14,7 @@ of entries are hashed again as they stream.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -25,7 +26,6 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
-import aiofiles
 import anyio
 import anyio.to_thread
 from anyio.abc import ByteReceiveStream
@@ -33,6 +33,7 @@ from anyio.abc import ByteReceiveStream
 from .. import partial
 from .._errors import CacheDirectoryError, LayerNotFoundError
 from .._hash import Hash
+from .._lane import Lane
 from .._protocols import Layer
 from .._types import MediaType
 from ..streams import CHUNK_SIZE, GZIP_MAGIC, ZSTD_MAGIC, FileStream, VerifyingStream
@@ -96,21 +97,29 @@ class _Flight:
 _FLIGHTS: dict[tuple[int, str], _Flight] = {}
 
 
-def _orphaned(tmp: str, flight: _Flight) -> None:
+def _orphaned(tmp: str, fd_box: list[int], flight: _Flight) -> None:
     """Finalizer for a sink dropped without commit or abort (a stream never closed)."""
-    try:
+    if fd_box:
+        with contextlib.suppress(OSError):
+            os.close(fd_box.pop())
+    with contextlib.suppress(OSError):
         os.unlink(tmp)
-    except OSError:
-        pass
     flight.release_threadsafe()
+
+
+_SYNC_EVERY = 32 * 1024 * 1024
+_fdatasync = getattr(os, "fdatasync", os.fsync)
 
 
 class _EntrySink:
     """Writes a stream into a temp file and commits it by atomic rename.
 
-    Write failures (disk full, quota, I/O errors) never fail the read: the
-    sink logs one warning, counts it on the cache, drops its temp file and
-    lets the verified bytes pass through uncached.
+    Writes run in a :class:`Lane` (one pool thread drains them in order) so
+    they overlap with hashing and with the consumer; with full durability
+    the lane also flushes every 32 MiB, so the fsync before the rename only
+    waits for the tail. Write failures (disk full, quota, I/O errors) never
+    fail the read: the sink logs one warning, counts it on the cache, drops
+    its temp file and lets the verified bytes pass through uncached.
     """
 
     def __init__(self, cache: FilesystemCache, h: Hash, info: dict[str, str], flight: _Flight):
@@ -120,74 +129,92 @@ class _EntrySink:
         self._flight = flight
         self._final = cache._entry(h)
         self._tmp = os.path.join(cache._tmpdir, f"{h.algorithm}-{h.hex}.{secrets.token_hex(6)}.tmp")
-        self._f: Any = None
+        self._fd_box: list[int] = []
+        self._lane: Lane | None = None
         self._head = b""
+        self._unsynced = 0
+        self._full = cache.durability == "full"
         self._finalizer: weakref.finalize[Any, Any] | None = None
 
     async def open(self) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
         try:
-            self._f = await aiofiles.open(self._tmp, "xb")
+            fd = await anyio.to_thread.run_sync(os.open, self._tmp, flags, 0o644)
         except OSError as exc:
-            self._f = None
             self._report(exc)
             return
-        self._finalizer = weakref.finalize(self, _orphaned, self._tmp, self._flight)
+        self._fd_box.append(fd)
+        self._lane = Lane()
+        self._finalizer = weakref.finalize(self, _orphaned, self._tmp, self._fd_box, self._flight)
 
-    def _report(self, exc: OSError) -> None:
+    def _report(self, exc: BaseException) -> None:
         self._cache.write_errors += 1
         log.warning("cache %s: not caching %s: %s", self._cache.path, self._h, exc)
 
-    async def _drop(self, exc: OSError) -> None:
+    async def _drop(self, exc: BaseException) -> None:
         self._report(exc)
         await self._discard()
 
     async def _discard(self) -> None:
-        f, self._f = self._f, None
         if self._finalizer is not None:
             self._finalizer.detach()
-        if f is not None:
-            try:
-                await f.close()
-            except OSError:
-                pass
-            try:
+        if self._lane is not None:
+            await self._lane.close()
+            self._lane = None
+        if self._fd_box:
+            fd = self._fd_box.pop()
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            with contextlib.suppress(OSError):
                 await anyio.to_thread.run_sync(os.unlink, self._tmp)
-            except OSError:
-                pass
+
+    def _write_sync(self, chunk: bytes) -> None:
+        fd = self._fd_box[0]
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(fd, view) :]
+        if self._full:
+            self._unsynced += len(chunk)
+            if self._unsynced >= _SYNC_EVERY:
+                _fdatasync(fd)
+                self._unsynced = 0
 
     async def write(self, chunk: bytes) -> None:
-        if self._f is None:
+        if self._lane is None:
             return
         if len(self._head) < 4:
             self._head += chunk[:4]
         try:
-            await self._f.write(chunk)
+            await self._lane.submit(self._write_sync, chunk)
         except OSError as exc:
             await self._drop(exc)
 
+    def _close_and_publish(self) -> None:
+        fd = self._fd_box[0]
+        if self._full:
+            os.fsync(fd)
+        self._fd_box.pop()
+        os.close(fd)
+        if self._finalizer is not None:
+            self._finalizer.detach()
+        self._publish()
+
     async def commit(self) -> None:
         try:
-            if self._f is None:
+            if self._lane is None:
                 return
-            f = self._f
             try:
-                await f.flush()
-                if self._cache.durability == "full":
-                    await anyio.to_thread.run_sync(os.fsync, f.fileno())
-                self._f = None
-                await f.close()
-                if self._finalizer is not None:
-                    self._finalizer.detach()
-                await anyio.to_thread.run_sync(self._publish)
+                await self._lane.join()
+                self._lane = None
+                await anyio.to_thread.run_sync(self._close_and_publish)
             except OSError as exc:
-                self._f = f
                 await self._drop(exc)
         finally:
             self._flight.release()
 
     def _publish(self) -> None:
         os.replace(self._tmp, self._final)
-        if self._cache.durability == "full":
+        if self._full:
             _fsync_dir(self._cache._root)
         st = os.stat(self._final)
         meta = _Meta(

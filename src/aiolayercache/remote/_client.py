@@ -344,7 +344,8 @@ class Client:
         lock = self._token_locks.setdefault(key, anyio.Lock())
         async with lock:
             tok = self._tokens.get(key)
-            if tok is not None and tok.value != stale and tok.expires > time.monotonic():
+            fresh = tok is not None and tok.expires > time.monotonic()
+            if tok is not None and fresh and f"Bearer {tok.value}" != stale:
                 return tok.value
             tok = await self._fetch_token(ref, ch, scope)
             self._tokens[key] = tok
@@ -664,6 +665,7 @@ class _BlobStream(ChunkStream):
         self._skip = 0  # bytes to drop from the current body (a 200 answer to a Range)
         self.resumes = 0
         self._stalled = 0
+        self._resumed_at = 0
 
     async def start(self) -> None:
         self._resp = await self._open(0)
@@ -706,7 +708,9 @@ class _BlobStream(ChunkStream):
         if self._resp is not None:
             self._resp.close()
             self._resp = None
-        self._stalled = self._stalled + 1 if reached == self.offset else 0
+        # No progress since the last resume counts as a stall; two in a row end it.
+        self._stalled = self._stalled + 1 if reached == self._resumed_at else 0
+        self._resumed_at = reached
         self.resumes += 1
         policy = self._client.retry
         what = f"blob {self._ref.context}@{self._desc.digest}"

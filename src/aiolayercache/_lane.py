@@ -1,0 +1,121 @@
+"""Lanes: ordered background work for one stream, without a loop round trip per job.
+
+A stream that hashes or writes 1 MiB chunks pays a thread hop per chunk if it
+awaits each job (``to_thread.run_sync``, aiofiles); worse, it works in
+lockstep with the consumer. A lane instead queues jobs and one pool thread
+drains the queue back to back, so hashing and writing run beside the event
+loop, on the other core. The loop waits only when too many bytes are queued
+(back pressure) and at the end (``join``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+__all__ = ["Lane"]
+
+_POOL = ThreadPoolExecutor(
+    max_workers=max(8, 4 * (os.cpu_count() or 1)), thread_name_prefix="aiolayercache-lane"
+)
+
+
+class Lane:
+    """Runs ``fn(chunk)`` jobs in order on a pool thread; at most ``max_pending`` bytes queued.
+
+    A job that raises stops the lane: later jobs are dropped and the error is
+    raised by the next :meth:`submit` or :meth:`join`. :meth:`close` drops
+    what is queued and waits for the running job, so a resource the jobs use
+    can be released safely after it.
+    """
+
+    def __init__(self, max_pending: int = 16 * 1024 * 1024) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._lock = threading.Lock()
+        self._jobs: deque[tuple[Callable[[bytes], object], bytes]] = deque()
+        self._pending = 0
+        self._running = False
+        self._closed = False
+        self.error: BaseException | None = None
+        self._max = max_pending
+        self._waiters: list[asyncio.Future[None]] = []
+
+    def _wake(self) -> None:
+        # Called with the lock held, from any thread.
+        if not self._waiters:
+            return
+        waiters, self._waiters = self._waiters, []
+
+        def wake() -> None:
+            for w in waiters:
+                if not w.done():
+                    w.set_result(None)
+
+        try:
+            self._loop.call_soon_threadsafe(wake)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
+
+    def _drain(self) -> None:
+        while True:
+            with self._lock:
+                if not self._jobs or self.error is not None or self._closed:
+                    self._jobs.clear()
+                    self._pending = 0
+                    self._running = False
+                    self._wake()
+                    return
+                fn, chunk = self._jobs.popleft()
+            try:
+                fn(chunk)
+            except BaseException as exc:
+                with self._lock:
+                    self.error = exc
+            with self._lock:
+                self._pending -= len(chunk)
+                if self._pending < self._max:
+                    self._wake()
+
+    async def _wait(self, ready: Callable[[], bool]) -> None:
+        while True:
+            with self._lock:
+                if ready():
+                    return
+                fut: asyncio.Future[None] = self._loop.create_future()
+                self._waiters.append(fut)
+            await fut
+
+    async def submit(self, fn: Callable[[bytes], object], chunk: bytes) -> None:
+        """Queue ``fn(chunk)``; wait first while ``max_pending`` bytes are queued."""
+        if self.error is not None:
+            raise self.error
+        if self._closed:
+            raise RuntimeError("lane is closed")
+        if self._pending >= self._max:
+            await self._wait(lambda: self._pending < self._max or self.error is not None)
+            if self.error is not None:
+                raise self.error
+        with self._lock:
+            self._jobs.append((fn, chunk))
+            self._pending += len(chunk)
+            start = not self._running
+            self._running = True
+        if start:
+            _POOL.submit(self._drain)
+
+    async def join(self) -> None:
+        """Wait until every queued job ran; raise the first job error."""
+        await self._wait(lambda: not self._running)
+        if self.error is not None:
+            raise self.error
+
+    async def close(self) -> None:
+        """Drop queued jobs and wait for the running one (safe to call more than once)."""
+        with self._lock:
+            self._closed = True
+            self._jobs.clear()
+        await self._wait(lambda: not self._running)
