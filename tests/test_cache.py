@@ -385,18 +385,18 @@ async def test_zstd_layer_through_the_cache(tmp_path: Path) -> None:
 async def test_disk_full_passes_verified_bytes_through_uncached(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from aiolayercache.cache import _fs
+    from aiolayercache._atomic import AtomicFile
 
-    real = _fs._EntrySink._write_sync
+    real = AtomicFile._write_sync
     written: list[int] = []
 
-    def enospc(self: _fs._EntrySink, chunk: bytes) -> None:
+    def enospc(self: AtomicFile, chunk: bytes) -> None:
         if sum(written) > 256 * 1024:  # the disk fills up part way through
             raise OSError(errno.ENOSPC, "No space left on device")
         written.append(len(chunk))
         real(self, chunk)
 
-    monkeypatch.setattr(_fs._EntrySink, "_write_sync", enospc)
+    monkeypatch.setattr(AtomicFile, "_write_sync", enospc)
     src = Source(random.image(1024 * 1024, 1))
     fs = FilesystemCache(tmp_path)
     layer = (await cache.image(src.image(), fs).layers())[0]

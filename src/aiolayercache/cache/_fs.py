@@ -14,7 +14,6 @@ of entries are hashed again as they stream.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -31,9 +30,9 @@ import anyio.to_thread
 from anyio.abc import ByteReceiveStream
 
 from .. import partial
+from .._atomic import AtomicFile
 from .._errors import CacheDirectoryError, LayerNotFoundError
 from .._hash import Hash
-from .._lane import Lane
 from .._protocols import Layer
 from .._types import MediaType
 from ..streams import CHUNK_SIZE, GZIP_MAGIC, ZSTD_MAGIC, FileStream, VerifyingStream
@@ -97,29 +96,13 @@ class _Flight:
 _FLIGHTS: dict[tuple[int, str], _Flight] = {}
 
 
-def _orphaned(tmp: str, fd_box: list[int], flight: _Flight) -> None:
-    """Finalizer for a sink dropped without commit or abort (a stream never closed)."""
-    if fd_box:
-        with contextlib.suppress(OSError):
-            os.close(fd_box.pop())
-    with contextlib.suppress(OSError):
-        os.unlink(tmp)
-    flight.release_threadsafe()
-
-
-_SYNC_EVERY = 32 * 1024 * 1024
-_fdatasync = getattr(os, "fdatasync", os.fsync)
-
-
 class _EntrySink:
-    """Writes a stream into a temp file and commits it by atomic rename.
+    """Fills one cache entry through an :class:`AtomicFile` and records its proof.
 
-    Writes run in a :class:`Lane` (one pool thread drains them in order) so
-    they overlap with hashing and with the consumer; with full durability
-    the lane also flushes every 32 MiB, so the fsync before the rename only
-    waits for the tail. Write failures (disk full, quota, I/O errors) never
-    fail the read: the sink logs one warning, counts it on the cache, drops
-    its temp file and lets the verified bytes pass through uncached.
+    Write failures (disk full, quota, I/O errors) never fail the read: the
+    sink logs one warning, counts it on the cache, drops its temp file and
+    lets the verified bytes pass through uncached. Commit or abort releases
+    the single-flight claim on the entry.
     """
 
     def __init__(self, cache: FilesystemCache, h: Hash, info: dict[str, str], flight: _Flight):
@@ -127,119 +110,57 @@ class _EntrySink:
         self._h = h
         self._info = info
         self._flight = flight
-        self._final = cache._entry(h)
-        self._tmp = os.path.join(cache._tmpdir, f"{h.algorithm}-{h.hex}.{secrets.token_hex(6)}.tmp")
-        self._fd_box: list[int] = []
-        self._lane: Lane | None = None
-        self._head = b""
-        self._unsynced = 0
-        self._full = cache.durability == "full"
-        self._finalizer: weakref.finalize[Any, Any] | None = None
+        self._file = AtomicFile(
+            cache._entry(h), cache._tmpdir, durable=cache.durability == "full", tag=h.hex[:16]
+        )
+        self._finalizer = weakref.finalize(self, flight.release_threadsafe)
 
     async def open(self) -> None:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
         try:
-            fd = await anyio.to_thread.run_sync(os.open, self._tmp, flags, 0o644)
+            await self._file.open()
         except OSError as exc:
             self._report(exc)
-            return
-        self._fd_box.append(fd)
-        self._lane = Lane()
-        self._finalizer = weakref.finalize(self, _orphaned, self._tmp, self._fd_box, self._flight)
 
     def _report(self, exc: BaseException) -> None:
         self._cache.write_errors += 1
         log.warning("cache %s: not caching %s: %s", self._cache.path, self._h, exc)
 
-    async def _drop(self, exc: BaseException) -> None:
-        self._report(exc)
-        await self._discard()
-
-    async def _discard(self) -> None:
-        if self._finalizer is not None:
-            self._finalizer.detach()
-        if self._lane is not None:
-            await self._lane.close()
-            self._lane = None
-        if self._fd_box:
-            fd = self._fd_box.pop()
-            with contextlib.suppress(OSError):
-                os.close(fd)
-            with contextlib.suppress(OSError):
-                await anyio.to_thread.run_sync(os.unlink, self._tmp)
-
-    def _write_sync(self, chunk: bytes) -> None:
-        fd = self._fd_box[0]
-        view = memoryview(chunk)
-        while view:
-            view = view[os.write(fd, view) :]
-        if self._full:
-            self._unsynced += len(chunk)
-            if self._unsynced >= _SYNC_EVERY:
-                _fdatasync(fd)
-                self._unsynced = 0
-
     async def write(self, chunk: bytes) -> None:
-        if self._lane is None:
+        if not self._file.is_open:
             return
-        if len(self._head) < 4:
-            self._head += chunk[:4]
         try:
-            await self._lane.submit(self._write_sync, chunk)
+            await self._file.write(chunk)
         except OSError as exc:
-            await self._drop(exc)
-
-    def _close_and_publish(self) -> None:
-        fd = self._fd_box[0]
-        if self._full:
-            os.fsync(fd)
-        self._fd_box.pop()
-        os.close(fd)
-        if self._finalizer is not None:
-            self._finalizer.detach()
-        self._publish()
+            self._report(exc)
+            await self._file.discard()
 
     async def commit(self) -> None:
         try:
-            if self._lane is None:
+            if not self._file.is_open:
                 return
             try:
-                await self._lane.join()
-                self._lane = None
-                await anyio.to_thread.run_sync(self._close_and_publish)
+                await self._file.commit()
+                await anyio.to_thread.run_sync(self._record)
             except OSError as exc:
-                await self._drop(exc)
+                self._report(exc)
+                await self._file.discard()
         finally:
-            self._flight.release()
+            self._release()
 
-    def _publish(self) -> None:
-        os.replace(self._tmp, self._final)
-        if self._full:
-            _fsync_dir(self._cache._root)
-        st = os.stat(self._final)
-        meta = _Meta(
-            size=st.st_size,
-            mtime_ns=st.st_mtime_ns,
-            ino=st.st_ino,
-            kind=_kind_of(self._head),
-            **self._info,
-        )
-        self._cache._save_meta(self._final, meta)
+    def _record(self) -> None:
+        st = os.stat(self._file.final)
+        meta = _Meta(st.st_size, st.st_mtime_ns, st.st_ino, _kind_of(self._file.head), **self._info)
+        self._cache._save_meta(self._file.final, meta)
+
+    def _release(self) -> None:
+        self._finalizer.detach()
+        self._flight.release()
 
     async def abort(self) -> None:
         try:
-            with anyio.CancelScope(shield=True):
-                await self._discard()
+            await self._file.discard()
         finally:
-            self._flight.release()
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+            self._release()
 
 
 class FilesystemCache:

@@ -1,0 +1,119 @@
+"""Files written beside the loop and committed atomically (temp file, fsync, rename)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import weakref
+from typing import Any
+
+import anyio
+import anyio.to_thread
+
+from ._lane import Lane
+
+__all__ = ["AtomicFile", "fsync_dir"]
+
+SYNC_EVERY = 32 * 1024 * 1024
+_fdatasync = getattr(os, "fdatasync", os.fsync)
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _cleanup(tmp: str, fd_box: list[int]) -> None:
+    if fd_box:
+        with contextlib.suppress(OSError):
+            os.close(fd_box.pop())
+    with contextlib.suppress(OSError):
+        os.unlink(tmp)
+
+
+class AtomicFile:
+    """A temp file in ``tmp_dir`` that becomes ``final`` by rename, or disappears.
+
+    Writes run in a :class:`Lane` (one pool thread drains them in order), so
+    they overlap with hashing and with the reader. With ``durable`` the lane
+    flushes every 32 MiB, the file is fsynced before the rename and its
+    directory after it. ``OSError`` from any step propagates; :meth:`discard`
+    removes the temp file (also done by a finalizer if the object is dropped).
+    """
+
+    def __init__(self, final: str, tmp_dir: str, *, durable: bool, tag: str = "blob") -> None:
+        self.final = final
+        self.tmp = os.path.join(tmp_dir, f".{tag}.{secrets.token_hex(8)}.tmp")
+        self.durable = durable
+        self.head = b""
+        self.size = 0
+        self._fd_box: list[int] = []
+        self._lane: Lane | None = None
+        self._unsynced = 0
+        self._finalizer: weakref.finalize[Any, Any] | None = None
+
+    @property
+    def is_open(self) -> bool:
+        return bool(self._fd_box)
+
+    async def open(self) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+        fd = await anyio.to_thread.run_sync(os.open, self.tmp, flags, 0o644)
+        self._fd_box.append(fd)
+        self._lane = Lane()
+        self._finalizer = weakref.finalize(self, _cleanup, self.tmp, self._fd_box)
+
+    def _write_sync(self, chunk: bytes) -> None:
+        fd = self._fd_box[0]
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(fd, view) :]
+        if self.durable:
+            self._unsynced += len(chunk)
+            if self._unsynced >= SYNC_EVERY:
+                _fdatasync(fd)
+                self._unsynced = 0
+
+    async def write(self, chunk: bytes) -> None:
+        assert self._lane is not None, "write after commit or discard"
+        if len(self.head) < 4:
+            self.head += chunk[: 4 - len(self.head)]
+        self.size += len(chunk)
+        await self._lane.submit(self._write_sync, chunk)
+
+    def _finish_sync(self) -> None:
+        fd = self._fd_box[0]
+        if self.durable:
+            os.fsync(fd)
+        self._fd_box.pop()
+        os.close(fd)
+        os.replace(self.tmp, self.final)
+        if self._finalizer is not None:
+            self._finalizer.detach()
+        if self.durable:
+            fsync_dir(os.path.dirname(self.final))
+
+    async def commit(self) -> None:
+        """Wait for the writes, then fsync, rename and fsync the directory."""
+        assert self._lane is not None, "commit after commit or discard"
+        await self._lane.join()
+        self._lane = None
+        await anyio.to_thread.run_sync(self._finish_sync)
+
+    async def discard(self) -> None:
+        """Drop the temp file (waits for a write in progress). Never raises OSError."""
+        with anyio.CancelScope(shield=True):
+            if self._lane is not None:
+                await self._lane.close()
+                self._lane = None
+            if self._finalizer is not None:
+                self._finalizer.detach()
+            if self._fd_box:
+                with contextlib.suppress(OSError):
+                    os.close(self._fd_box.pop())
+                with contextlib.suppress(OSError):
+                    await anyio.to_thread.run_sync(os.unlink, self.tmp)
