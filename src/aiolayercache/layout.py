@@ -1,0 +1,301 @@
+"""OCI image layouts: read one as an ImageIndex, write images and indexes into one.
+
+A layout is a directory with ``oci-layout``, ``index.json`` and
+``blobs/<alg>/<hex>``. Reading checks every blob against its digest as it
+streams, and never follows a blob path out of the layout. Writing puts each
+blob in place once, atomically (temp file, fsync, rename), in parallel with a
+bound, and replaces ``index.json`` atomically last, so an interrupted write
+never leaves an index that points at a missing or partial blob.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import anyio
+import anyio.to_thread
+from anyio.abc import ByteReceiveStream
+
+from . import partial
+from ._atomic import AtomicFile
+from ._errors import AioLayerCacheError, DigestMismatchError, ManifestError
+from ._hash import Hash
+from ._protocols import Image, ImageIndex
+from ._types import (
+    MAX_DOCUMENT_BYTES,
+    Descriptor,
+    IndexManifest,
+    MediaType,
+    is_index_type,
+)
+from .streams import BytesStream, FileStream, VerifyingStream, read_all
+
+__all__ = ["REF_NAME", "LayoutError", "image", "index", "write"]
+
+REF_NAME = "org.opencontainers.image.ref.name"
+_LAYOUT_FILE = b'{"imageLayoutVersion":"1.0.0"}'
+_CHUNK = 1024 * 1024
+
+
+class LayoutError(AioLayerCacheError):
+    """A layout is missing a file, has one it should not trust, or cannot be written."""
+
+
+def _blob_path(root: str, h: Hash) -> str:
+    # A Hash is validated at construction: neither part holds a separator or "..".
+    return os.path.join(root, "blobs", h.algorithm, h.hex)
+
+
+def _inside(root: str, path: str) -> str:
+    """``path`` resolved; a :class:`LayoutError` if it leaves ``root`` (a symlink out)."""
+    real = os.path.realpath(path)
+    if real != root and not real.startswith(root + os.sep):
+        raise LayoutError(f"{path} resolves outside the layout {root}")
+    return real
+
+
+class _Reader:
+    def __init__(self, root: str) -> None:
+        self.root = root
+
+    def _open_path(self, desc: Descriptor) -> str:
+        path = _blob_path(self.root, desc.digest)
+        _inside(self.root, path)
+        if not os.path.isfile(path):
+            raise LayoutError(f"{path}: blob {desc.digest} is missing from the layout")
+        return path
+
+    async def open_blob(self, desc: Descriptor) -> ByteReceiveStream:
+        path = await anyio.to_thread.run_sync(self._open_path, desc)
+        try:
+            fs = await FileStream.open(path)
+        except OSError as exc:
+            raise LayoutError(f"{path}: cannot open blob: {exc.strerror}") from exc
+        return VerifyingStream(fs, desc.digest, desc.size, what=path)
+
+    async def fetch_manifest(self, desc: Descriptor) -> bytes:
+        if desc.size > MAX_DOCUMENT_BYTES:
+            raise ManifestError(
+                f"{_blob_path(self.root, desc.digest)}: manifest of {desc.size} bytes is over "
+                f"the {MAX_DOCUMENT_BYTES} cap"
+            )
+        return await read_all(await self.open_blob(desc))
+
+
+def _read_index_json(root: str) -> bytes:
+    path = os.path.join(root, "index.json")
+    _inside(root, path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_DOCUMENT_BYTES + 1)
+    except FileNotFoundError:
+        raise LayoutError(f"{path}: no index.json: {root} is not an OCI layout") from None
+    except OSError as exc:
+        raise LayoutError(f"{path}: cannot read: {exc.strerror}") from exc
+    if len(raw) > MAX_DOCUMENT_BYTES:
+        raise ManifestError(f"{path}: over the {MAX_DOCUMENT_BYTES}-byte cap")
+    try:
+        IndexManifest.parse(raw)
+    except ManifestError as exc:
+        raise ManifestError(f"{path}: {exc}") from exc
+    return raw
+
+
+async def index(path: str | os.PathLike[str]) -> ImageIndex:
+    """The layout at ``path`` as an ImageIndex (its ``index.json``)."""
+    root = await anyio.to_thread.run_sync(os.path.realpath, path)
+    raw = await anyio.to_thread.run_sync(_read_index_json, root)
+    r = _Reader(root)
+    return partial.index(raw, r.fetch_manifest, r.open_blob, media_type=MediaType.OCI_IMAGE_INDEX)
+
+
+async def image(path: str | os.PathLike[str], ref: str | Hash | None = None) -> Image:
+    """One image of the layout: by digest, by its ``org.opencontainers.image.ref.name``,
+    or the only image when ``ref`` is None."""
+    ii = await index(path)
+    im = await ii.index_manifest()
+    want: Hash | None = ref if isinstance(ref, Hash) else None
+    if isinstance(ref, str) and ref.startswith(("sha256:", "sha512:")):
+        want = Hash.parse(ref)
+    if want is not None:
+        matches = [d for d in im.manifests if d.digest == want]
+    elif ref is not None:
+        matches = [d for d in im.manifests if (d.annotations or {}).get(REF_NAME) == ref]
+    else:
+        matches = [d for d in im.manifests if not is_index_type(d.media_type)]
+    if not matches:
+        raise LayoutError(f"{os.fspath(path)}: no image {ref if ref is not None else ''}".strip())
+    if ref is None and len({d.digest for d in matches}) > 1:
+        raise LayoutError(f"{os.fspath(path)}: several images; name one by ref or digest")
+    desc = matches[0]
+    if is_index_type(desc.media_type):
+        raise ManifestError(f"{os.fspath(path)}: {ref} names an index, not an image")
+    return await ii.image(desc.digest)
+
+
+# --- writing --------------------------------------------------------------------------
+
+
+class _Writer:
+    def __init__(self, root: str, durable: bool, concurrency: int) -> None:
+        self.root = root
+        self.durable = durable
+        self.limiter = anyio.CapacityLimiter(concurrency)
+        self.claimed: set[Hash] = set()
+        self.written = 0
+        self.reused = 0
+
+    def _verified(self, h: Hash, size: int) -> bool:
+        """Is a good copy of ``h`` there already? A bad one is removed."""
+        path = _blob_path(self.root, h)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return False
+        if not os.path.isfile(path) or os.path.islink(path) or st.st_size != size:
+            os.unlink(path)
+            return False
+        hasher = h.hasher()
+        with open(path, "rb", buffering=0) as f:
+            while chunk := f.read(_CHUNK):
+                hasher.update(chunk)
+        if hasher.hexdigest() == h.hex:
+            return True
+        os.unlink(path)
+        return False
+
+    async def blob(self, desc: Descriptor, open_: partial.Opener) -> None:
+        h = desc.digest
+        if h in self.claimed:
+            return
+        self.claimed.add(h)
+        async with self.limiter:
+            if await anyio.to_thread.run_sync(self._verified, h, desc.size):
+                self.reused += 1
+                return
+            out = AtomicFile(
+                _blob_path(self.root, h),
+                os.path.dirname(_blob_path(self.root, h)),
+                durable=self.durable,
+                tag=h.hex[:16],
+            )
+            await out.open()
+            try:
+                stream = VerifyingStream(await open_(), h, desc.size, what=f"blob {h}")
+                async with stream:
+                    async for chunk in stream:
+                        await out.write(chunk)
+                await out.commit()
+            except BaseException:
+                await out.discard()
+                raise
+            self.written += 1
+
+    async def data(self, desc: Descriptor, raw: bytes) -> None:
+        actual = Hash.of(raw, desc.digest.algorithm)
+        if actual != desc.digest or len(raw) != desc.size:
+            raise DigestMismatchError(f"manifest {desc.digest}", desc.digest, actual)
+
+        async def open_() -> ByteReceiveStream:
+            return BytesStream(raw)
+
+        await self.blob(desc, open_)
+
+    async def image(self, tg: anyio.abc.TaskGroup, img: Image) -> Descriptor:
+        raw = await img.raw_manifest()
+        m = await img.manifest()
+        desc = Descriptor(
+            media_type=await img.media_type(), size=len(raw), digest=await img.digest()
+        )
+        raw_config = await img.raw_config_file()
+        tg.start_soon(self.data, m.config, raw_config)
+        layers = await img.layers()
+        for d, layer in zip(m.layers, layers, strict=True):
+            tg.start_soon(self.blob, d, layer.compressed)
+        tg.start_soon(self.data, desc, raw)
+        return desc
+
+    async def index(self, tg: anyio.abc.TaskGroup, ii: ImageIndex) -> Descriptor:
+        raw = await ii.raw_manifest()
+        desc = Descriptor(media_type=await ii.media_type(), size=len(raw), digest=await ii.digest())
+        for child in (await ii.index_manifest()).manifests:
+            if is_index_type(child.media_type):
+                await self.index(tg, await ii.image_index(child.digest))
+            else:
+                await self.image(tg, await ii.image(child.digest))
+        tg.start_soon(self.data, desc, raw)
+        return desc
+
+
+def _prepare(root: str) -> bytes | None:
+    """Create the layout's skeleton; return the current index.json, if any."""
+    p = Path(root)
+    if p.exists() and not p.is_dir():
+        raise LayoutError(f"{root} exists and is not a directory")
+    (p / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
+    layout_file = p / "oci-layout"
+    if not layout_file.exists():
+        tmp = p / ".oci-layout.tmp"
+        tmp.write_bytes(_LAYOUT_FILE)
+        os.replace(tmp, layout_file)
+    if (p / "index.json").exists():
+        return _read_index_json(root)
+    return None
+
+
+async def write(
+    path: str | os.PathLike[str],
+    target: Image | ImageIndex,
+    *,
+    ref_name: str | None = None,
+    concurrency: int = 8,
+    durability: Literal["full", "fast"] = "full",
+) -> Descriptor:
+    """Write ``target`` (an image, or an index tree) into the layout at ``path``.
+
+    The layout is created if needed, or added to: blobs already there are
+    kept when they verify, and ``index.json`` gets a descriptor for
+    ``target`` (annotated with ``ref_name`` when given, replacing any entry
+    with that name). Blobs are written ``concurrency`` at a time, each
+    atomically; ``index.json`` is replaced last. Returns the new descriptor.
+    """
+    root = await anyio.to_thread.run_sync(os.path.realpath, path)
+    try:
+        existing = await anyio.to_thread.run_sync(_prepare, root)
+    except OSError as exc:
+        raise LayoutError(f"{root}: cannot prepare the layout: {exc.strerror}") from exc
+    w = _Writer(root, durability == "full", concurrency)
+    async with anyio.create_task_group() as tg:
+        if isinstance(target, ImageIndex) and not isinstance(target, Image):
+            desc = await w.index(tg, target)
+        else:
+            desc = await w.image(tg, target)
+    if ref_name is not None:
+        desc = Descriptor(
+            media_type=desc.media_type,
+            size=desc.size,
+            digest=desc.digest,
+            annotations={REF_NAME: ref_name},
+        )
+    manifests: list[Descriptor] = []
+    if existing is not None:
+        for d in IndexManifest.parse(existing).manifests:
+            name = (d.annotations or {}).get(REF_NAME)
+            if ref_name is not None and name == ref_name:
+                continue  # replaced
+            if ref_name is None and name is None and d.digest == desc.digest:
+                continue  # the same unnamed entry again
+            manifests.append(d)
+    manifests.append(desc)
+    doc = IndexManifest(schema_version=2, manifests=manifests, media_type=MediaType.OCI_IMAGE_INDEX)
+    out = AtomicFile(os.path.join(root, "index.json"), root, durable=durability == "full")
+    await out.open()
+    try:
+        await out.write(doc.to_json())
+        await out.commit()
+    except BaseException:
+        await out.discard()
+        raise
+    return desc
