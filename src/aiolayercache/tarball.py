@@ -1,0 +1,414 @@
+"""``docker save`` tarballs, read and write, and layers from single files.
+
+Reading indexes the archive once and serves each member as a byte range of
+the archive file, verified as it streams; member names from ``manifest.json``
+that are absolute, contain ``..`` or are missing are refused with a typed
+error naming them. Writing streams every blob into one temp file next to the
+destination (no whole-image buffering) and renames it into place at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import tarfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import aiofiles
+import anyio
+import anyio.to_thread
+from anyio.abc import ByteReceiveStream
+
+from . import partial
+from ._atomic import AtomicFile
+from ._errors import AioLayerCacheError, ManifestError
+from ._hash import Hash
+from ._protocols import Image, Layer
+from ._types import MAX_DOCUMENT_BYTES, Descriptor, MediaType
+from .streams import (
+    CHUNK_SIZE,
+    GZIP_MAGIC,
+    ZSTD_MAGIC,
+    ChunkStream,
+    VerifyingStream,
+    hash_stream,
+    read_all,
+)
+
+__all__ = ["TarballError", "image", "images", "layer_from_file", "write"]
+
+
+class TarballError(AioLayerCacheError):
+    """A tarball is malformed, names a member it lacks, or names one unsafely."""
+
+
+def _kind(head: bytes) -> str:
+    if head.startswith(GZIP_MAGIC):
+        return "gzip"
+    if head.startswith(ZSTD_MAGIC):
+        return "zstd"
+    return "tar"
+
+
+class _RangeStream(ChunkStream):
+    """``size`` bytes of ``path`` from ``offset`` (a member of an archive, or a whole file)."""
+
+    def __init__(self, file: object, offset: int, size: int) -> None:
+        super().__init__()
+        self._file = file
+        self._left = size
+        self._offset = offset
+
+    @classmethod
+    async def open(cls, path: str, offset: int = 0, size: int | None = None) -> _RangeStream:
+        f = await aiofiles.open(path, "rb", buffering=0)
+        if size is None:
+            size = os.fstat(f.fileno()).st_size - offset
+        await f.seek(offset)
+        return cls(f, offset, size)
+
+    async def _next(self) -> bytes | None:
+        if self._left <= 0:
+            return None
+        data: bytes = await self._file.read(min(CHUNK_SIZE, self._left))  # type: ignore[attr-defined]
+        if not data:
+            raise TarballError("archive ends inside a member")
+        self._left -= len(data)
+        return data
+
+    async def _aclose(self) -> None:
+        await self._file.close()  # type: ignore[attr-defined]
+
+
+class _FileLayer:
+    """A layer from a file holding a gzip, zstd or plain tar (detected by magic)."""
+
+    def __init__(
+        self, path: str, offset: int = 0, size: int | None = None, media_type: str | None = None
+    ) -> None:
+        self._path = path
+        self._offset = offset
+        self._size = size
+        self._media_type = media_type
+        self._inner: Layer | None = None
+        self._lock = anyio.Lock()
+
+    def __repr__(self) -> str:
+        return f"<layer from {self._path}>"
+
+    async def _open(self) -> ByteReceiveStream:
+        return await _RangeStream.open(self._path, self._offset, self._size)
+
+    async def _get(self) -> Layer:
+        async with self._lock:
+            if self._inner is None:
+                head = await read_all_head(await self._open())
+                kind = _kind(head)
+                if kind == "tar":
+                    self._inner = partial.uncompressed_layer(
+                        self._open, media_type=self._media_type or MediaType.DOCKER_LAYER
+                    )
+                else:
+                    digest, size = await hash_stream(await self._open())
+                    mt = self._media_type or (
+                        MediaType.OCI_LAYER_ZSTD if kind == "zstd" else MediaType.DOCKER_LAYER
+                    )
+                    self._inner = partial.compressed_layer(
+                        self._verified(digest, size), digest=digest, size=size, media_type=mt
+                    )
+        return self._inner
+
+    def _verified(self, digest: Hash, size: int) -> partial.Opener:
+        async def open_() -> ByteReceiveStream:
+            return VerifyingStream(await self._open(), digest, size, what=self._path)
+
+        return open_
+
+    async def digest(self) -> Hash:
+        return await (await self._get()).digest()
+
+    async def diff_id(self) -> Hash:
+        return await (await self._get()).diff_id()
+
+    async def size(self) -> int:
+        return await (await self._get()).size()
+
+    async def media_type(self) -> str:
+        return await (await self._get()).media_type()
+
+    async def compressed(self) -> ByteReceiveStream:
+        return await (await self._get()).compressed()
+
+    async def uncompressed(self) -> ByteReceiveStream:
+        return await (await self._get()).uncompressed()
+
+
+async def read_all_head(stream: ByteReceiveStream, n: int = 4) -> bytes:
+    async with stream:
+        try:
+            return (await stream.receive(n))[:n]
+        except anyio.EndOfStream:
+            return b""
+
+
+def layer_from_file(path: str | os.PathLike[str], *, media_type: str | None = None) -> Layer:
+    """A layer from a file: gzip, zstd or plain tar, detected by magic on first use.
+
+    Digest, size and diff_id are computed lazily, once. A plain tar is
+    gzip'd on the fly for ``compressed()``.
+    """
+    return _FileLayer(os.fspath(path), media_type=media_type)
+
+
+# --- reading docker save archives ------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Member:
+    offset: int
+    size: int
+
+
+def _safe_name(name: object, archive: str) -> str:
+    if not isinstance(name, str) or not name:
+        raise TarballError(f"{archive}: manifest.json names a member that is not a string")
+    norm = posixpath.normpath(name)
+    if (
+        name.startswith("/")
+        or "\\" in name
+        or "\0" in name
+        or norm.startswith("../")
+        or norm == ".."
+        or ".." in name.split("/")
+    ):
+        raise TarballError(f"{archive}: unsafe member name {name!r} in manifest.json")
+    return norm
+
+
+def _index_archive(path: str) -> dict[str, _Member]:
+    members: dict[str, _Member] = {}
+    links: dict[str, str] = {}
+    try:
+        with tarfile.open(path, "r:") as tf:
+            for m in tf:
+                name = posixpath.normpath(m.name.lstrip("./") or m.name)
+                if m.isreg():
+                    members[name] = _Member(m.offset_data, m.size)
+                elif m.issym() or m.islnk():
+                    target = m.linkname
+                    if m.issym():
+                        target = posixpath.normpath(posixpath.join(posixpath.dirname(name), target))
+                    links[name] = posixpath.normpath(target)
+    except (tarfile.TarError, OSError) as exc:
+        raise TarballError(f"{path}: not a readable tar archive: {exc}") from exc
+    for name, target in links.items():
+        seen = 0
+        while target in links and seen < 16:
+            target, seen = links[target], seen + 1
+        if target in members:
+            members.setdefault(name, members[target])
+    return members
+
+
+class _Archive:
+    def __init__(self, path: str, members: dict[str, _Member]) -> None:
+        self.path = path
+        self.members = members
+
+    def member(self, name: object) -> _Member:
+        safe = _safe_name(name, self.path)
+        m = self.members.get(safe)
+        if m is None:
+            raise TarballError(f"{self.path}: manifest.json names {name!r}, which is not there")
+        return m
+
+    async def read(self, name: object, cap: int = MAX_DOCUMENT_BYTES) -> bytes:
+        m = self.member(name)
+        if m.size > cap:
+            raise TarballError(f"{self.path}: member {name!r} is over the {cap}-byte cap")
+        return await read_all(await _RangeStream.open(self.path, m.offset, m.size))
+
+
+class _TarballImage(partial._PartialImage):
+    """An image of a docker save archive; ``repo_tags`` as the archive names them."""
+
+    def __init__(self, raw: bytes, open_blob: partial.BlobOpener, raw_config: bytes) -> None:
+        super().__init__(raw, open_blob, raw_config, MediaType.OCI_MANIFEST_SCHEMA1)
+        self.repo_tags: list[str] = []
+
+
+async def images(path: str | os.PathLike[str]) -> list[Image]:
+    """Every image of a ``docker save`` archive, in ``manifest.json`` order.
+
+    Each has a ``repo_tags`` attribute. Layers are hashed once here, to build
+    the manifest (an OCI manifest; plain tar layers keep their bytes and use
+    the uncompressed layer media type).
+    """
+    p = os.fspath(path)
+    archive = _Archive(p, await anyio.to_thread.run_sync(_index_archive, p))
+    raw_list = await archive.read("manifest.json")
+    try:
+        entries = json.loads(raw_list)
+    except ValueError as exc:
+        raise ManifestError(f"{p}: manifest.json is not valid JSON") from exc
+    if not isinstance(entries, list):
+        raise ManifestError(f"{p}: manifest.json is not a list")
+    out: list[Image] = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not isinstance(entry.get("Layers"), list):
+            raise ManifestError(f"{p}: manifest.json entry {i} needs 'Config' and 'Layers'")
+        raw_config = await archive.read(entry.get("Config"))
+        blobs: dict[Hash, _Member] = {}
+        layers = []
+        for name in entry["Layers"]:
+            m = archive.member(name)
+            head = await read_all_head(await _RangeStream.open(p, m.offset, m.size))
+            digest, _ = await hash_stream(await _RangeStream.open(p, m.offset, m.size))
+            kind = _kind(head)
+            mt = {
+                "gzip": MediaType.OCI_LAYER,
+                "zstd": MediaType.OCI_LAYER_ZSTD,
+                "tar": MediaType.OCI_UNCOMPRESSED_LAYER,
+            }[kind]
+            blobs[digest] = m
+            layers.append({"mediaType": str(mt), "size": m.size, "digest": str(digest)})
+        config_digest = Hash.of(raw_config)
+        manifest = {
+            "schemaVersion": 2,
+            "mediaType": str(MediaType.OCI_MANIFEST_SCHEMA1),
+            "config": {
+                "mediaType": str(MediaType.OCI_CONFIG_JSON),
+                "size": len(raw_config),
+                "digest": str(config_digest),
+            },
+            "layers": layers,
+        }
+        raw = json.dumps(manifest, separators=(",", ":")).encode()
+
+        def opener(blobs: dict[Hash, _Member] = blobs) -> partial.BlobOpener:
+            async def open_blob(desc: Descriptor) -> ByteReceiveStream:
+                m = blobs.get(desc.digest)
+                if m is None:
+                    raise TarballError(f"{p}: no blob {desc.digest}")
+                stream = await _RangeStream.open(p, m.offset, m.size)
+                return VerifyingStream(stream, desc.digest, m.size, what=f"{p} {desc.digest}")
+
+            return open_blob
+
+        img = _TarballImage(raw, opener(), raw_config)
+        tags = entry.get("RepoTags") or []
+        img.repo_tags = [t for t in tags if isinstance(t, str)]
+        out.append(img)
+    return out
+
+
+async def image(path: str | os.PathLike[str], tag: str | None = None) -> Image:
+    """One image of a ``docker save`` archive: the one tagged ``tag``, or the only one."""
+    imgs = await images(path)
+    if tag is None:
+        if len(imgs) != 1:
+            raise TarballError(f"{os.fspath(path)}: {len(imgs)} images; name one by tag")
+        return imgs[0]
+    for img in imgs:
+        if tag in getattr(img, "repo_tags", []):
+            return img
+    raise TarballError(f"{os.fspath(path)}: no image tagged {tag!r}")
+
+
+# --- writing -----------------------------------------------------------------------------
+
+
+def _header(name: str, size: int) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mode = 0o644
+    info.mtime = 0
+    return info.tobuf(format=tarfile.PAX_FORMAT)
+
+
+def _padding(size: int) -> bytes:
+    return b"\0" * (-size % tarfile.BLOCKSIZE)
+
+
+_EXT = {"gzip": ".tar.gz", "zstd": ".tar.zst", "tar": ".tar"}
+
+
+async def write(
+    path: str | os.PathLike[str],
+    target: Image | Mapping[str, Image] | Sequence[tuple[str, Image]],
+    *,
+    durability: Literal["full", "fast"] = "full",
+) -> None:
+    """Write images as a ``docker save`` archive at ``path`` (replaced atomically).
+
+    ``target`` is an image (no tag) or tagged images (``{"repo:tag": img}``).
+    Blobs stream from each image into the archive; shared layers go in once.
+    """
+    if isinstance(target, Mapping):
+        tagged: list[tuple[str | None, Image]] = list(target.items())
+    elif isinstance(target, Sequence):
+        tagged = list(target)
+    else:
+        tagged = [(None, target)]
+    final = await anyio.to_thread.run_sync(os.path.realpath, os.fspath(path))
+    out = AtomicFile(final, os.path.dirname(final), durable=durability == "full", tag="tarball")
+    await out.open()
+    try:
+        written: set[str] = set()
+        entries: list[dict[str, object]] = []
+        by_image: dict[Hash, dict[str, object]] = {}
+        for tag, img in tagged:
+            digest = await img.digest()
+            if digest in by_image:
+                if tag:
+                    by_image[digest]["RepoTags"].append(tag)  # type: ignore[attr-defined]
+                continue
+            m = await img.manifest()
+            raw_config = await img.raw_config_file()
+            config_name = f"{m.config.digest.hex}.json"
+            if config_name not in written:
+                await out.write(_header(config_name, len(raw_config)))
+                await out.write(raw_config)
+                await out.write(_padding(len(raw_config)))
+                written.add(config_name)
+            names = []
+            for desc, layer in zip(m.layers, await img.layers(), strict=True):
+                stream = VerifyingStream(
+                    await layer.compressed(), desc.digest, desc.size, what=f"layer {desc.digest}"
+                )
+                async with stream:
+                    first = b""
+                    try:
+                        first = await stream.receive()
+                    except anyio.EndOfStream:
+                        pass
+                    name = f"{desc.digest.hex}{_EXT[_kind(first)]}"
+                    names.append(name)
+                    if name in written:
+                        continue
+                    await out.write(_header(name, desc.size))
+                    if first:
+                        await out.write(first)
+                    async for chunk in stream:
+                        await out.write(chunk)
+                    await out.write(_padding(desc.size))
+                    written.add(name)
+            entry: dict[str, object] = {
+                "Config": config_name,
+                "RepoTags": [tag] if tag else [],
+                "Layers": names,
+            }
+            by_image[digest] = entry
+            entries.append(entry)
+        manifest = json.dumps(entries, separators=(",", ":")).encode()
+        await out.write(_header("manifest.json", len(manifest)))
+        await out.write(manifest)
+        await out.write(_padding(len(manifest)))
+        await out.write(b"\0" * (2 * tarfile.BLOCKSIZE))
+        await out.commit()
+    except BaseException:
+        await out.discard()
+        raise
