@@ -85,6 +85,37 @@ class AtomicFile:
         self.size += len(chunk)
         await self._lane.submit(self._write_sync, chunk)
 
+    def _copy_sync(self, src: int, size: int) -> None:
+        dst = self._fd_box[0]
+        done = 0
+        copy_range = getattr(os, "copy_file_range", None)
+        while done < size:
+            n = 0
+            if copy_range is not None:
+                try:
+                    n = copy_range(src, dst, size - done, done)
+                except OSError:
+                    copy_range = None  # not on this filesystem pair: copy by hand
+                    continue
+            else:
+                data = os.pread(src, min(size - done, 4 * 1024 * 1024), done)
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(dst, view) :]
+                n = len(data)
+            if n == 0:
+                raise OSError(f"source ended after {done} of {size} bytes")
+            done += n
+        self.size += size
+
+    async def copy_from(self, src_fd: int, size: int) -> None:
+        """Copy ``size`` bytes of open file ``src_fd`` in the kernel (``copy_file_range``)."""
+        assert self._lane is not None, "copy after commit or discard"
+        await self._lane.join()
+        if not self.head:
+            self.head = os.pread(src_fd, 4, 0)
+        await anyio.to_thread.run_sync(self._copy_sync, src_fd, size)
+
     def _finish_sync(self) -> None:
         fd = self._fd_box[0]
         if self.durable:

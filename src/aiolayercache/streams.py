@@ -165,6 +165,10 @@ class FileStream(ChunkStream):
             raise BrokenResourceError(f"reading {self.path}: {exc}") from exc
         return data or None
 
+    def fileno(self) -> int:
+        fd: int = self._file.fileno()
+        return fd
+
     async def _aclose(self) -> None:
         await self._file.close()
 
@@ -225,6 +229,9 @@ class VerifyingStream(ChunkStream):
             and (size is None or inner.expected_size in (None, size))
         )
         self.received = 0
+        # Set by a cache on a stream of an entry whose proof of verification holds:
+        # the open file, whose ``expected_size`` bytes a consumer may copy as they are.
+        self.proven_fd: int | None = None
         self._ahead: bytes | None = None
         self._started = False
         self._ended = False
