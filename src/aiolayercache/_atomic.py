@@ -13,7 +13,12 @@ import anyio.to_thread
 
 from ._lane import Lane
 
-__all__ = ["AtomicFile", "fsync_dir"]
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = ["AtomicFile", "fsync_dir", "sweep_temps"]
 
 SYNC_EVERY = 32 * 1024 * 1024
 _fdatasync = getattr(os, "fdatasync", os.fsync)
@@ -25,6 +30,39 @@ def fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def sweep_temps(directory: str) -> list[str]:
+    """Remove temp files in ``directory`` whose writer is gone (their lock is free).
+
+    Never guesses by age: a live writer holds an exclusive ``flock`` on its
+    temp file until it commits or discards it. Returns the removed names.
+    """
+    removed: list[str] = []
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return removed
+    for name in names:
+        if not name.endswith(".tmp"):
+            continue
+        path = os.path.join(directory, name)
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            continue
+        try:
+            if fcntl is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    continue  # a live writer holds it
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+                removed.append(name)
+        finally:
+            os.close(fd)
+    return removed
 
 
 def _cleanup(tmp: str, fd_box: list[int]) -> None:
@@ -63,6 +101,9 @@ class AtomicFile:
     async def open(self) -> None:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
         fd = await anyio.to_thread.run_sync(os.open, self.tmp, flags, 0o644)
+        if fcntl is not None:
+            # Held for the temp file's whole life: a sweep removes only unlocked temps.
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         self._fd_box.append(fd)
         self._lane = Lane()
         self._finalizer = weakref.finalize(self, _cleanup, self.tmp, self._fd_box)

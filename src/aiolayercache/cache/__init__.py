@@ -29,15 +29,17 @@ from .._types import (
 )
 from ..partial import _ConfigLayer
 from ..streams import drain, read_all
-from ._fs import FilesystemCache
+from ._fs import EntryInfo, FilesystemCache, VerifyReport
 from ._memory import MemoryCache
 
 __all__ = [
     "Cache",
+    "EntryInfo",
     "FilesystemCache",
     "LayerNotFoundError",
     "MemoryCache",
     "PrefetchStats",
+    "VerifyReport",
     "image",
     "image_index",
     "prefetch",

@@ -14,14 +14,16 @@ of entries are hashed again as they stream.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import secrets
 import stat
+import time
 import weakref
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,14 +32,14 @@ import anyio.to_thread
 from anyio.abc import ByteReceiveStream
 
 from .. import partial
-from .._atomic import AtomicFile
+from .._atomic import AtomicFile, sweep_temps
 from .._errors import CacheDirectoryError, LayerNotFoundError
 from .._hash import Hash
 from .._protocols import Layer
 from .._types import MediaType
 from ..streams import CHUNK_SIZE, GZIP_MAGIC, ZSTD_MAGIC, FileStream, VerifyingStream
 
-__all__ = ["FilesystemCache"]
+__all__ = ["EntryInfo", "FilesystemCache", "VerifyReport"]
 
 log = logging.getLogger("aiolayercache.cache")
 
@@ -71,6 +73,29 @@ class _Meta:
 
 # Proofs seen by this process, keyed by entry path (saves reading meta files).
 _PROOFS: dict[str, _Meta] = {}
+# When this process last recorded a use of each entry (time.time()).
+_USED: dict[str, float] = {}
+_USE_GRANULARITY = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class EntryInfo:
+    """One cache entry: its hash, size in bytes, last use (epoch seconds) and kind
+    (``gzip``, ``zstd``, ``tar``, or ``unverified`` while no proof holds)."""
+
+    digest: Hash
+    size: int
+    last_used: float
+    kind: str
+
+
+@dataclass(slots=True)
+class VerifyReport:
+    """What :meth:`FilesystemCache.verify` found: good entries, removed ones, stale temps."""
+
+    ok: int = 0
+    removed: list[Hash] = field(default_factory=list)
+    temps_removed: int = 0
 
 
 class _Flight:
@@ -203,6 +228,8 @@ class FilesystemCache:
                 f"cache path {p} cannot be used: {exc.strerror or exc}"
             ) from exc
         root = os.path.realpath(p)
+        # Temp files of writers that died (their lock is free) go now.
+        sweep_temps(os.path.join(root, _STATE_DIR, "tmp"))
         self._tmpdir = os.path.join(root, _STATE_DIR, "tmp")
         self._metadir = os.path.join(root, _STATE_DIR, "meta")
         self._root = root
@@ -322,9 +349,107 @@ class FilesystemCache:
                 _PROOFS.pop(entry, None)
                 return None
             if m.proves(st):
+                self._note_use(entry)
                 return m
         result: _Meta | None = await anyio.to_thread.run_sync(self._lookup_sync, h)
+        if result is not None:
+            self._note_use(entry)
         return result
+
+    def _note_use(self, entry: str) -> None:
+        """Record last use as the proof file's mtime, at most once a minute per entry."""
+        now = time.time()
+        if now - _USED.get(entry, 0.0) < _USE_GRANULARITY:
+            return
+        _USED[entry] = now
+        with contextlib.suppress(OSError):
+            os.utime(self._meta_path(entry))
+
+    # --- upkeep ------------------------------------------------------------------
+
+    async def entries(self) -> list[EntryInfo]:
+        """Every committed entry with its size, kind and last use (newest first)."""
+        await self._ensure()
+        return await anyio.to_thread.run_sync(self._entries_sync)
+
+    def _entries_sync(self) -> list[EntryInfo]:
+        out: list[EntryInfo] = []
+        for name in os.listdir(self._root):
+            alg, sep, hex_ = name.partition("-" if os.name == "nt" else ":")
+            try:
+                h = Hash(alg, hex_) if sep else None
+            except ValueError:
+                h = None
+            if h is None:
+                continue
+            entry = os.path.join(self._root, name)
+            try:
+                st = os.stat(entry)
+            except FileNotFoundError:
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            m = self._load_meta(entry)
+            try:
+                used = os.stat(self._meta_path(entry)).st_mtime
+            except OSError:
+                used = st.st_mtime
+            kind = m.kind if m is not None and m.proves(st) else "unverified"
+            out.append(EntryInfo(h, st.st_size, max(used, st.st_mtime), kind))
+        out.sort(key=lambda e: e.last_used, reverse=True)
+        return out
+
+    async def verify(self) -> VerifyReport:
+        """Hash every entry again (proofs ignored); remove bad ones and stale temp files."""
+        await self._ensure()
+        return await anyio.to_thread.run_sync(self._verify_all_sync)
+
+    def _verify_all_sync(self) -> VerifyReport:
+        report = VerifyReport()
+        for e in self._entries_sync():
+            entry = self._entry(e.digest)
+            _PROOFS.pop(entry, None)
+            with contextlib.suppress(OSError):
+                os.unlink(self._meta_path(entry))
+            if self._verify_sync(e.digest, entry, None) is None:
+                report.removed.append(e.digest)
+            else:
+                report.ok += 1
+        report.temps_removed = len(sweep_temps(self._tmpdir))
+        return report
+
+    async def sweep(self) -> int:
+        """Remove temp files left by writers that died (lock-based); return how many."""
+        await self._ensure()
+        return len(await anyio.to_thread.run_sync(sweep_temps, self._tmpdir))
+
+    async def prune(
+        self, *, max_bytes: int | None = None, older_than: float | None = None
+    ) -> list[EntryInfo]:
+        """Remove least recently used entries until at most ``max_bytes`` remain, and
+        every entry unused for ``older_than`` seconds. Returns what was removed.
+
+        Readers in other processes that hold an entry open finish reading it
+        (POSIX keeps an unlinked file's bytes for open descriptors).
+        """
+        await self._ensure()
+        entries = await self.entries()
+        now = time.time()
+        removed: list[EntryInfo] = []
+        keep = sorted(entries, key=lambda e: e.last_used, reverse=True)
+        total = sum(e.size for e in keep)
+        for e in reversed(keep):  # least recently used first
+            too_old = older_than is not None and now - e.last_used > older_than
+            too_big = max_bytes is not None and total > max_bytes
+            if not (too_old or too_big):
+                continue
+            try:
+                await self.delete(e.digest)
+            except LayerNotFoundError:
+                continue
+            total -= e.size
+            removed.append(e)
+        return removed
 
     # --- reading and filling -----------------------------------------------------
 
