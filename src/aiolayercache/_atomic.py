@@ -21,6 +21,7 @@ except ImportError:  # pragma: no cover - Windows
 __all__ = ["AtomicFile", "fsync_dir", "sweep_temps"]
 
 SYNC_EVERY = 32 * 1024 * 1024
+HEAD_BYTES = 512  # what is kept of a file's start: enough to tell gzip, zstd and tar apart
 _fdatasync = getattr(os, "fdatasync", os.fsync)
 
 
@@ -121,8 +122,8 @@ class AtomicFile:
 
     async def write(self, chunk: bytes) -> None:
         assert self._lane is not None, "write after commit or discard"
-        if len(self.head) < 4:
-            self.head += chunk[: 4 - len(self.head)]
+        if len(self.head) < HEAD_BYTES:
+            self.head += chunk[: HEAD_BYTES - len(self.head)]
         self.size += len(chunk)
         await self._lane.submit(self._write_sync, chunk)
 
@@ -154,7 +155,7 @@ class AtomicFile:
         assert self._lane is not None, "copy after commit or discard"
         await self._lane.join()
         if not self.head:
-            self.head = os.pread(src_fd, 4, 0)
+            self.head = os.pread(src_fd, HEAD_BYTES, 0)
         await anyio.to_thread.run_sync(self._copy_sync, src_fd, size)
 
     def _finish_sync(self) -> None:

@@ -89,3 +89,24 @@ class CacheWriteError(CacheError):
 
 class DecompressionError(AioLayerCacheError):
     """A compressed stream is corrupt or ends before its end marker."""
+
+
+def first_error(eg: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first error of a task group's exception group that is not a cancellation."""
+    import anyio
+
+    leaves: list[BaseException] = []
+
+    def walk(e: BaseException) -> None:
+        if isinstance(e, BaseExceptionGroup):
+            for x in e.exceptions:
+                walk(x)
+        else:
+            leaves.append(e)
+
+    walk(eg)
+    cancelled = anyio.get_cancelled_exc_class()
+    for e in leaves:
+        if not isinstance(e, cancelled):
+            return e
+    return leaves[0] if leaves else eg

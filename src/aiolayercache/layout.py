@@ -11,6 +11,7 @@ never leaves an index that points at a missing or partial blob.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -20,7 +21,7 @@ from anyio.abc import ByteReceiveStream
 
 from . import partial
 from ._atomic import AtomicFile
-from ._errors import AioLayerCacheError, DigestMismatchError, ManifestError
+from ._errors import AioLayerCacheError, DigestMismatchError, ManifestError, first_error
 from ._hash import Hash
 from ._protocols import Image, ImageIndex
 from ._types import (
@@ -32,7 +33,7 @@ from ._types import (
 )
 from .streams import BytesStream, FileStream, VerifyingStream, read_all
 
-__all__ = ["REF_NAME", "LayoutError", "image", "index", "write"]
+__all__ = ["REF_NAME", "LayoutError", "image", "index", "write", "write_all"]
 
 REF_NAME = "org.opencontainers.image.ref.name"
 _LAYOUT_FILE = b'{"imageLayoutVersion":"1.0.0"}'
@@ -234,10 +235,14 @@ def _prepare(root: str) -> bytes | None:
     p = Path(root)
     if p.exists() and not p.is_dir():
         raise LayoutError(f"{root} exists and is not a directory")
+    # Blobs go where the reader will look: never through a symlink out of the layout.
+    _inside(root, str(p / "blobs"))
+    _inside(root, str(p / "blobs" / "sha256"))
     (p / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
     layout_file = p / "oci-layout"
     if not layout_file.exists():
         tmp = p / ".oci-layout.tmp"
+        tmp.unlink(missing_ok=True)  # a leftover (or planted symlink) is not written through
         tmp.write_bytes(_LAYOUT_FILE)
         os.replace(tmp, layout_file)
     if (p / "index.json").exists():
@@ -261,34 +266,66 @@ async def write(
     with that name). Blobs are written ``concurrency`` at a time, each
     atomically; ``index.json`` is replaced last. Returns the new descriptor.
     """
+    (desc,) = await write_all(
+        path, [(target, ref_name)], concurrency=concurrency, durability=durability
+    )
+    return desc
+
+
+async def write_all(
+    path: str | os.PathLike[str],
+    targets: Sequence[tuple[Image | ImageIndex, str | None]],
+    *,
+    concurrency: int = 8,
+    durability: Literal["full", "fast"] = "full",
+) -> list[Descriptor]:
+    """Write several images or indexes into one layout, with one ``index.json`` update.
+
+    ``targets`` pairs each image or index with its ref name (or None). All
+    blobs of all targets are written in parallel (shared ones once), then
+    ``index.json`` is replaced once, last.
+    """
     root = await anyio.to_thread.run_sync(os.path.realpath, path)
     try:
         existing = await anyio.to_thread.run_sync(_prepare, root)
     except OSError as exc:
         raise LayoutError(f"{root}: cannot prepare the layout: {exc.strerror}") from exc
     w = _Writer(root, durability == "full", concurrency)
-    async with anyio.create_task_group() as tg:
-        if isinstance(target, ImageIndex) and not isinstance(target, Image):
-            desc = await w.index(tg, target)
-        else:
-            desc = await w.image(tg, target)
-    if ref_name is not None:
-        desc = Descriptor(
-            media_type=desc.media_type,
-            size=desc.size,
-            digest=desc.digest,
-            annotations={REF_NAME: ref_name},
-        )
+    descs: list[Descriptor] = []
+    try:
+        async with anyio.create_task_group() as tg:
+            for target, _ in targets:
+                if isinstance(target, ImageIndex) and not isinstance(target, Image):
+                    descs.append(await w.index(tg, target))
+                else:
+                    descs.append(await w.image(tg, target))
+    except BaseExceptionGroup as eg:
+        # Callers catch DigestMismatchError, not a group: raise the first real error.
+        raise first_error(eg) from None
+    named: list[Descriptor] = []
+    for desc, (_, ref_name) in zip(descs, targets, strict=True):
+        if ref_name is not None:
+            desc = Descriptor(
+                media_type=desc.media_type,
+                size=desc.size,
+                digest=desc.digest,
+                annotations={REF_NAME: ref_name},
+            )
+        named.append(desc)
     manifests: list[Descriptor] = []
     if existing is not None:
-        for d in IndexManifest.parse(existing).manifests:
-            name = (d.annotations or {}).get(REF_NAME)
-            if ref_name is not None and name == ref_name:
-                continue  # replaced
-            if ref_name is None and name is None and d.digest == desc.digest:
-                continue  # the same unnamed entry again
-            manifests.append(d)
-    manifests.append(desc)
+        manifests = list(IndexManifest.parse(existing).manifests)
+    for desc in named:
+        name = (desc.annotations or {}).get(REF_NAME)
+        manifests = [
+            d
+            for d in manifests
+            if not (
+                (name is not None and (d.annotations or {}).get(REF_NAME) == name)
+                or (name is None and d.annotations is None and d.digest == desc.digest)
+            )
+        ]
+        manifests.append(desc)
     doc = IndexManifest(schema_version=2, manifests=manifests, media_type=MediaType.OCI_IMAGE_INDEX)
     out = AtomicFile(os.path.join(root, "index.json"), root, durable=durability == "full")
     await out.open()
@@ -298,4 +335,4 @@ async def write(
     except BaseException:
         await out.discard()
         raise
-    return desc
+    return named

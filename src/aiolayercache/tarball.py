@@ -194,7 +194,8 @@ def _index_archive(path: str) -> dict[str, _Member]:
     try:
         with tarfile.open(path, "r:") as tf:
             for m in tf:
-                name = posixpath.normpath(m.name.lstrip("./") or m.name)
+                # normpath drops "./" prefixes; lstrip("./") would also eat ".x" -> "x".
+                name = posixpath.normpath(m.name.lstrip("/") or m.name)
                 if m.isreg():
                     members[name] = _Member(m.offset_data, m.size)
                 elif m.issym() or m.islnk():

@@ -48,11 +48,14 @@ _STATE_DIR = ".aiolayercache"
 
 
 def _kind_of(head: bytes) -> str:
+    """``gzip``, ``zstd``, ``tar`` (ustar magic at 257) or ``blob`` (anything else: a config)."""
     if head.startswith(GZIP_MAGIC):
         return "gzip"
     if head.startswith(ZSTD_MAGIC):
         return "zstd"
-    return "tar"
+    if head[257:262] == b"ustar":
+        return "tar"
+    return "blob"
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +65,7 @@ class _Meta:
     size: int
     mtime_ns: int
     ino: int
-    kind: str  # gzip | zstd | tar
+    kind: str  # gzip | zstd | tar | blob
     digest: str | None = None
     diff_id: str | None = None
     media_type: str | None = None
@@ -299,7 +302,7 @@ class FilesystemCache:
                 before = os.fstat(f.fileno())
                 while chunk := f.read(CHUNK_SIZE):
                     if not head:
-                        head = chunk[:4]
+                        head = chunk[:512]
                     hasher.update(chunk)
                 after = os.fstat(f.fileno())
         except FileNotFoundError:
@@ -317,7 +320,7 @@ class FilesystemCache:
         if kind == "tar":
             info["diff_id"] = str(h)
         else:
-            info["digest"] = str(h)
+            info["digest"] = str(h)  # a compressed layer, or a blob served as it is
         meta = _Meta(after.st_size, after.st_mtime_ns, after.st_ino, kind, **info)
         self._save_meta(entry, meta)
         return meta
