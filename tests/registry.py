@@ -432,6 +432,15 @@ class FaultProxy:
             out_headers["Content-Encoding"] = "gzip"
         if fault == "stall":
             await asyncio.sleep(rule.arg)  # type: ignore[union-attr]
+        if fault == "throttle":  # send the body slowly: arg = seconds between 64 KiB pieces
+            resp = web.StreamResponse(status=status, headers=out_headers)
+            resp.content_length = len(data)
+            await resp.prepare(request)
+            for i in range(0, len(data), 64 * 1024):
+                await resp.write(data[i : i + 64 * 1024])
+                await asyncio.sleep(rule.arg)  # type: ignore[union-attr]
+            await resp.write_eof()
+            return resp
         if fault in ("cut", "cut_chunked", "short_chunked"):
             n = rule.arg  # type: ignore[union-attr]
             resp = web.StreamResponse(status=status, headers=out_headers)

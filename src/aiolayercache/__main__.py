@@ -1,0 +1,5 @@
+"""``python -m aiolayercache``: the same as the ``aiolayercache`` command."""
+
+from .cli import run
+
+run()

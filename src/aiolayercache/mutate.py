@@ -1,0 +1,173 @@
+"""Changing images: ``to_oci`` rewrites Docker schema 2 manifests with OCI media types.
+
+The OCI layout reader of containers/image (skopeo 1.9, podman) only finds
+OCI manifests and indexes in ``index.json``; ``skopeo copy docker://… oci:…``
+converts for that reason, and so does ``to_oci``. Layer and config bytes are
+unchanged (a Docker gzip layer is an OCI gzip layer); the manifest bytes, and
+so the image digest, change.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import anyio
+
+from ._hash import Hash
+from ._protocols import Image, ImageIndex, Layer
+from ._types import ConfigFile, IndexManifest, Manifest, MediaType, is_index_type
+
+__all__ = ["to_oci"]
+
+_LAYER_TYPES = {
+    MediaType.DOCKER_LAYER: MediaType.OCI_LAYER,
+    MediaType.DOCKER_UNCOMPRESSED_LAYER: MediaType.OCI_UNCOMPRESSED_LAYER,
+    MediaType.DOCKER_FOREIGN_LAYER: MediaType.OCI_RESTRICTED_LAYER,
+}
+_CONFIG_TYPES = {MediaType.DOCKER_CONFIG_JSON: MediaType.OCI_CONFIG_JSON}
+
+
+def _dump(doc: dict[str, Any]) -> bytes:
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+class _Retyped:
+    """A layer with another media type; everything else is the inner layer's."""
+
+    def __init__(self, inner: Layer, media_type: str) -> None:
+        self._inner = inner
+        self._media_type = media_type
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def media_type(self) -> str:
+        return self._media_type
+
+
+class _OCIImage:
+    def __init__(self, inner: Image, raw: bytes) -> None:
+        self._inner = inner
+        self._raw = raw
+        self._manifest = Manifest.parse(raw)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def media_type(self) -> str:
+        return MediaType.OCI_MANIFEST_SCHEMA1
+
+    async def raw_manifest(self) -> bytes:
+        return self._raw
+
+    async def manifest(self) -> Manifest:
+        return self._manifest
+
+    async def digest(self) -> Hash:
+        return Hash.of(self._raw)
+
+    async def size(self) -> int:
+        return len(self._raw)
+
+    async def config_file(self) -> ConfigFile:
+        return await self._inner.config_file()
+
+    async def layers(self) -> list[Layer]:
+        out: list[Layer] = []
+        for desc, layer in zip(self._manifest.layers, await self._inner.layers(), strict=True):
+            out.append(_Retyped(layer, desc.media_type))
+        return out
+
+    async def layer_by_digest(self, h: Hash) -> Layer:
+        layer = await self._inner.layer_by_digest(h)
+        for d in self._manifest.layers:
+            if d.digest == h:
+                return _Retyped(layer, d.media_type)
+        return layer
+
+    async def layer_by_diff_id(self, h: Hash) -> Layer:
+        layer = await self._inner.layer_by_diff_id(h)
+        d = await layer.digest()
+        for desc in self._manifest.layers:
+            if desc.digest == d:
+                return _Retyped(layer, desc.media_type)
+        return layer
+
+
+class _OCIIndex:
+    def __init__(self, inner: ImageIndex) -> None:
+        self._inner = inner
+        self._raw: bytes | None = None
+        self._children: dict[Hash, Image | ImageIndex] = {}
+        self._lock = anyio.Lock()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def _build(self) -> bytes:
+        async with self._lock:
+            if self._raw is None:
+                doc = json.loads(await self._inner.raw_manifest())
+                doc["mediaType"] = str(MediaType.OCI_IMAGE_INDEX)
+                for d in doc.get("manifests", []):
+                    h = Hash.parse(d["digest"])
+                    child: Image | ImageIndex
+                    if is_index_type(d.get("mediaType")):
+                        child = await to_oci(await self._inner.image_index(h))
+                    else:
+                        child = await to_oci(await self._inner.image(h))
+                    new = await child.digest()
+                    self._children[new] = child
+                    d["mediaType"] = await child.media_type()
+                    d["digest"] = str(new)
+                    d["size"] = await child.size()
+                self._raw = _dump(doc)
+        return self._raw
+
+    async def media_type(self) -> str:
+        return MediaType.OCI_IMAGE_INDEX
+
+    async def raw_manifest(self) -> bytes:
+        return await self._build()
+
+    async def index_manifest(self) -> IndexManifest:
+        return IndexManifest.parse(await self._build())
+
+    async def digest(self) -> Hash:
+        return Hash.of(await self._build())
+
+    async def size(self) -> int:
+        return len(await self._build())
+
+    async def image(self, h: Hash) -> Image:
+        await self._build()
+        child = self._children.get(h)
+        if child is None or is_index_type(await child.media_type()):
+            return await self._inner.image(h)
+        return child  # type: ignore[return-value]
+
+    async def image_index(self, h: Hash) -> ImageIndex:
+        await self._build()
+        child = self._children.get(h)
+        if child is None or not is_index_type(await child.media_type()):
+            return await self._inner.image_index(h)
+        return child  # type: ignore[return-value]
+
+
+async def to_oci(target: Image | ImageIndex) -> Any:
+    """``target`` with OCI media types (unchanged if it has them already)."""
+    media_type = await target.media_type()
+    if isinstance(target, ImageIndex) and not isinstance(target, Image):
+        return _OCIIndex(target)  # even an OCI index may hold Docker manifests
+    img: Image = target
+    if media_type == MediaType.OCI_MANIFEST_SCHEMA1:
+        return img
+    doc = json.loads(await img.raw_manifest())
+    doc["mediaType"] = str(MediaType.OCI_MANIFEST_SCHEMA1)
+    cfg = doc.get("config", {})
+    cfg["mediaType"] = str(_CONFIG_TYPES.get(cfg.get("mediaType"), cfg.get("mediaType")))
+    for layer in doc.get("layers", []):
+        mt = layer.get("mediaType")
+        layer["mediaType"] = str(_LAYER_TYPES.get(mt, mt))
+    return _OCIImage(img, _dump(doc))
