@@ -2,7 +2,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: venv test lint bench clean
+.PHONY: venv test lint bench demo registry clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -12,12 +12,21 @@ venv: $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[dev]'
 
 lint: venv
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks scripts
+	$(BIN)/ruff format --check src tests benchmarks scripts
 	$(BIN)/mypy --strict src
 
 test: lint
 	$(BIN)/python -m pytest -q
+
+# Debian's docker-registry, installed when missing (as .ci/run does).
+registry:
+	@command -v docker-registry >/dev/null 2>&1 || { \
+		SUDO=; [ "$$(id -u)" -eq 0 ] || SUDO=sudo; \
+		$$SUDO apt-get update -qq; DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq docker-registry; }
+
+demo: venv registry
+	$(BIN)/python scripts/demo.py
 
 bench: venv
 	$(BIN)/python benchmarks/tee.py
