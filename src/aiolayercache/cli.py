@@ -249,7 +249,7 @@ class Reporter:
         if self.mode == "plain":
             print(msg, file=sys.stderr, flush=True)
         elif self.mode == "rich":
-            self._progress.console.log(msg)
+            self._progress.console.print(msg, highlight=False)
 
     def layer_started(self, digest: str, size: int, cached: bool) -> bool:
         """Count a layer once; returns False when it was already counted."""
