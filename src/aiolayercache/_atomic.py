@@ -23,6 +23,8 @@ __all__ = ["AtomicFile", "fsync_dir", "sweep_temps"]
 SYNC_EVERY = 32 * 1024 * 1024
 HEAD_BYTES = 512  # what is kept of a file's start: enough to tell gzip, zstd and tar apart
 _fdatasync = getattr(os, "fdatasync", os.fsync)
+_fadvise = getattr(os, "posix_fadvise", None)
+_DONTNEED = getattr(os, "POSIX_FADV_DONTNEED", 4)
 
 
 def fsync_dir(path: str) -> None:
@@ -131,11 +133,12 @@ class AtomicFile:
         dst = self._fd_box[0]
         done = 0
         copy_range = getattr(os, "copy_file_range", None)
+        step = 16 * 1024 * 1024
         while done < size:
             n = 0
             if copy_range is not None:
                 try:
-                    n = copy_range(src, dst, size - done, done)
+                    n = copy_range(src, dst, min(step, size - done), done)
                 except OSError:
                     copy_range = None  # not on this filesystem pair: copy by hand
                     continue
@@ -147,6 +150,9 @@ class AtomicFile:
                 n = len(data)
             if n == 0:
                 raise OSError(f"source ended after {done} of {size} bytes")
+            if self.durable and _fadvise is not None:
+                # Start writeback of what was just copied, so the final fsync waits less.
+                _fadvise(dst, done, n, _DONTNEED)
             done += n
         self.size += size
 
