@@ -18,11 +18,14 @@ d   by ``curl -s -o FILE URL`` into a new file beside c's directories, then
     least that c must also do.
 
 In b and c only the stream is timed, from opening the layer's compressed
-stream to its end; the child reports that time and its peak RSS as JSON on
-stdout. The children never held the image, so their peak RSS is the
-client's own; it is read from ``VmHWM`` (see ``peak_rss_mib``: on Linux a
-child's ``ru_maxrss`` starts at its parent's peak). Medians over the rounds are printed as a
-markdown table, and written to ``benchmarks/results/remote.json``.
+stream to its end: the child opens the image (and the cache) untimed, says
+it is ready, and streams when the parent says go; it reports the time and
+its peak RSS as JSON on stdout. The children never held the image, so their
+peak RSS is the client's own; it is read from ``VmHWM`` (see
+``peak_rss_mib``: on Linux a child's ``ru_maxrss`` starts at its parent's
+peak). Before each scenario dirty pages are written back and memory is
+primed (see ``settle``). Medians over the rounds are printed as a markdown
+table, and written to ``benchmarks/results/remote.json``.
 
 Run: ``python benchmarks/remote.py [--size-mib N] [--runs N] [--dir PATH]``.
 """
@@ -55,6 +58,7 @@ MIB = 1 << 20
 MB = 1_000_000
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "remote.json"
+READY, GO = "ready", "go"
 REPO = "bench/big"
 TAG = "v1"
 
@@ -103,6 +107,10 @@ async def child(kind: str, ref: str, cache_dir: str | None) -> dict[str, Any]:
             fs = FilesystemCache(cache_dir)
             img = cache.image(img, fs)
         layer = (await img.layers())[0]
+        # Set up (untimed); the parent settles memory now, then says go (see run_child).
+        print(READY, flush=True)
+        if sys.stdin.readline().strip() != GO:
+            raise SystemExit("no go from the parent")
         before = resource.getrusage(resource.RUSAGE_SELF)
         rss_before = peak_rss_mib()
         t0 = time.perf_counter()
@@ -122,14 +130,28 @@ async def child(kind: str, ref: str, cache_dir: str | None) -> dict[str, Any]:
     }
 
 
-def run_child(kind: str, ref: str, cache_dir: str | None) -> dict[str, Any]:
+def run_child(kind: str, ref: str, cache_dir: str | None, prime: int) -> dict[str, Any]:
+    """Run the child for ``kind``; between its set-up and its timed stream, ``settle(prime)``.
+
+    The child process starts, opens the image (and the cache) and says it is
+    ready; only then is memory settled, so the timed stream follows the
+    priming by milliseconds instead of an interpreter start-up.
+    """
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--ref", ref]
     if cache_dir is not None:
         cmd += ["--cache-dir", cache_dir]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    with subprocess.Popen(
+        cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as proc:
+        assert proc.stdin is not None and proc.stdout is not None
+        if proc.stdout.readline().strip() == READY:
+            settle(prime)
+            proc.stdin.write(GO + "\n")
+            proc.stdin.flush()
+        out, err = proc.communicate()
     if proc.returncode != 0:
-        raise RuntimeError(f"{kind}: child failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+        raise RuntimeError(f"{kind}: child failed ({proc.returncode}):\n{err[-4000:]}")
+    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
     return result
 
 
@@ -155,12 +177,17 @@ def timed(cmds: list[list[str]]) -> tuple[float, float, list[str]]:
 
 
 def settle(prime: int = 0) -> None:
-    """Untimed, before each measurement: write back dirty pages, then touch ``prime`` bytes.
+    """Untimed, right before each measurement: write back dirty pages, touch ``prime`` bytes.
 
     As in ``tee.py``: dirty pages of one scenario would otherwise be written
-    back during the next, and on VMs with free-page reporting the first write
-    into pages freed a few seconds earlier costs several times more; touching
-    (then freeing) memory before the writing scenarios (c, d) takes that out.
+    back during the next. And on VMs with free-page reporting, pages freed a
+    few seconds earlier go back to the host, and the first touch of them again
+    costs several times more: writing 256 MiB into the page cache took 0.13 s
+    or, at random, 0.6-0.85 s of kernel time on the 2-CPU VM this was written
+    on. Touching (then freeing) memory just before a scenario takes most of
+    that out; it is done before every scenario, since all of them allocate
+    (page cache in c and d, receive buffers in all). The children (b, c) are
+    primed after their start-up, right before their timed stream.
     """
     os.sync()
     if prime:
@@ -221,7 +248,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--no-prime",
         action="store_true",
-        help="do not touch 2x the blob size of memory before c and d (see settle)",
+        help="do not touch 2x the blob size of memory before each scenario (see settle)",
     )
     p.add_argument("--json", type=Path, default=RESULTS, help=f"results file ({RESULTS})")
     # The child mode (b, c), run by the benchmark itself.
@@ -266,17 +293,15 @@ def measure(args: argparse.Namespace, host: str, digest: str, blob_bytes: int) -
         if os.stat(cold).st_dev != os.stat(files).st_dev:
             raise RuntimeError(f"{cold} and {files} are on different filesystems")
         try:
-            settle()
+            settle(prime)
             s, c, outs = timed([[*curl, "-o", os.devnull, url]])
             check("a", int(outs[0]))
             times["a"].append(s)
             cpu["a"].append(c)
 
-            settle()
-            record_child("b", run_child("b", ref, None))
+            record_child("b", run_child("b", ref, None, prime))
 
-            settle(prime)
-            r = run_child("c", ref, cold)
+            r = run_child("c", ref, cold, prime)
             if r["write_errors"]:
                 raise RuntimeError(f"c: {r['write_errors']} cache write errors")
             st = os.stat(os.path.join(cold, entry_name))
@@ -345,7 +370,7 @@ def report(r: dict[str, Any]) -> str:
         f"{r['cpus']} CPUs; MB = 10^6 bytes; a and d time whole curl (and sync) processes, "
         "b and c the stream only (open to end) in a fresh process; "
         + ("memory primed" if r["memory_primed"] else "memory NOT primed")
-        + " before c and d (see settle())",
+        + " before each scenario (see settle())",
         "",
         "| scenario | what | median s | MB/s | CPU s | peak RSS MiB |",
         "|---|---|---:|---:|---:|---:|",

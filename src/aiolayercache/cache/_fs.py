@@ -33,6 +33,11 @@ from anyio.abc import ByteReceiveStream
 
 from .. import partial
 from .._atomic import AtomicFile, sweep_temps
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
 from .._errors import CacheDirectoryError, LayerNotFoundError
 from .._hash import Hash
 from .._protocols import Layer
@@ -124,6 +129,18 @@ class _Flight:
 _FLIGHTS: dict[tuple[int, str], _Flight] = {}
 
 
+def _unlock(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)  # closing the descriptor drops its flock
+
+
+def _orphaned(flight: _Flight, lock_box: list[int]) -> None:
+    """Finalizer of a sink dropped without commit or abort (a stream never closed)."""
+    if lock_box:
+        _unlock(lock_box.pop())
+    flight.release_threadsafe()
+
+
 class _EntrySink:
     """Fills one cache entry through an :class:`AtomicFile` and records its proof.
 
@@ -133,15 +150,23 @@ class _EntrySink:
     the single-flight claim on the entry.
     """
 
-    def __init__(self, cache: FilesystemCache, h: Hash, info: dict[str, str], flight: _Flight):
+    def __init__(
+        self,
+        cache: FilesystemCache,
+        h: Hash,
+        info: dict[str, str],
+        flight: _Flight,
+        lock_fd: int | None = None,
+    ):
         self._cache = cache
         self._h = h
         self._info = info
         self._flight = flight
+        self._lock_box = [lock_fd] if lock_fd is not None else []
         self._file = AtomicFile(
             cache._entry(h), cache._tmpdir, durable=cache.durability == "full", tag=h.hex[:16]
         )
-        self._finalizer = weakref.finalize(self, flight.release_threadsafe)
+        self._finalizer = weakref.finalize(self, _orphaned, flight, self._lock_box)
 
     async def open(self) -> None:
         try:
@@ -182,6 +207,8 @@ class _EntrySink:
 
     def _release(self) -> None:
         self._finalizer.detach()
+        if self._lock_box:
+            _unlock(self._lock_box.pop())
         self._flight.release()
 
     async def abort(self) -> None:
@@ -209,6 +236,7 @@ class FilesystemCache:
         self._root = ""
         self._tmpdir = ""
         self._metadir = ""
+        self._lockdir = ""
 
     def __repr__(self) -> str:
         return f"FilesystemCache({os.fspath(self.path)!r})"
@@ -234,6 +262,11 @@ class FilesystemCache:
         # Temp files of writers that died (their lock is free) go now.
         sweep_temps(os.path.join(root, _STATE_DIR, "tmp"))
         self._tmpdir = os.path.join(root, _STATE_DIR, "tmp")
+        self._lockdir = os.path.join(root, _STATE_DIR, "locks")
+        try:
+            os.makedirs(self._lockdir, exist_ok=True)
+        except OSError as exc:
+            raise CacheDirectoryError(f"cache path {p} cannot be used: {exc}") from exc
         self._metadir = os.path.join(root, _STATE_DIR, "meta")
         self._root = root
 
@@ -485,7 +518,12 @@ class FilesystemCache:
         size: int | None,
         info: dict[str, str],
     ) -> ByteReceiveStream:
-        """A stream of ``h``: from the entry if present, else upstream teed into it."""
+        """A stream of ``h``: from the entry if present, else upstream teed into it.
+
+        One filler per entry: tasks of this process wait on an in-process
+        flight; other processes wait on the entry's lock file (``flock``),
+        then read what the filler committed, or take over if it failed.
+        """
         await self._ensure()
         entry = self._entry(h)
         key = (id(asyncio.get_running_loop()), entry)
@@ -503,15 +541,25 @@ class FilesystemCache:
             # Sync on purpose: checked and claimed in one step of the event loop.
             if key in _FLIGHTS or os.path.exists(entry):  # noqa: ASYNC240
                 continue
+            flight = _Flight(key)
+            _FLIGHTS[key] = flight
+            try:
+                lock_fd = await self._lock_entry(h)
+            except BaseException:
+                flight.release()
+                raise
+            if lock_fd is None:
+                # Another process committed the entry while we waited for its lock.
+                flight.release()
+                continue
             break
-        flight = _Flight(key)
-        _FLIGHTS[key] = flight
         try:
             upstream = await open_upstream()
         except BaseException:
+            _unlock(lock_fd)
             flight.release()
             raise
-        sink = _EntrySink(self, h, info, flight)
+        sink = _EntrySink(self, h, info, flight, lock_fd)
         try:
             await sink.open()
         except BaseException:
@@ -520,6 +568,39 @@ class FilesystemCache:
                 await upstream.aclose()
             raise
         return VerifyingStream(upstream, h, size, what=str(h), sinks=[sink])
+
+    def _try_lock(self, h: Hash) -> int | None:
+        path = os.path.join(self._lockdir, f"{h.algorithm}-{h.hex}.lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        if fcntl is None:  # pragma: no cover - Windows: in-process single-flight only
+            return fd
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return None
+        return fd
+
+    async def _lock_entry(self, h: Hash) -> int | None:
+        """Take entry ``h``'s lock file, waiting while another process holds it.
+
+        Returns the locked descriptor, or None when the entry appeared while
+        waiting (the other process committed it). Polls with a growing pause
+        (10 ms to 250 ms), so waiting stays cancellable.
+        """
+        entry = self._entry(h)
+        delay = 0.01
+        while True:
+            fd = self._try_lock(h)
+            if fd is not None:
+                if os.path.exists(entry):  # noqa: ASYNC240 - committed before we got the lock
+                    _unlock(fd)
+                    return None
+                return fd
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 0.25)
+            if os.path.exists(entry):  # noqa: ASYNC240
+                return None
 
     # --- the Cache protocol ------------------------------------------------------
 
