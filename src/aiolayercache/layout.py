@@ -10,6 +10,7 @@ never leaves an index that points at a missing or partial blob.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -139,6 +140,36 @@ async def image(path: str | os.PathLike[str], ref: str | Hash | None = None) -> 
 # --- writing --------------------------------------------------------------------------
 
 
+# The proof that a blob was verified in full, kept on the blob itself (an extended
+# attribute, so the layout holds no extra files): its digest, size, mtime and inode.
+# Any change of the file voids it, as for cache entries. Where the filesystem has no
+# user xattrs, existing blobs are simply hashed again.
+_PROOF_ATTR = "user.aiolayercache.proof"
+
+
+def _proof_value(h: Hash, st: os.stat_result) -> bytes:
+    return f"{h} {st.st_size} {st.st_mtime_ns} {st.st_ino}".encode()
+
+
+def _record_proof(path: str, h: Hash) -> None:
+    setxattr = getattr(os, "setxattr", None)
+    if setxattr is None:
+        return
+    with contextlib.suppress(OSError):
+        setxattr(path, _PROOF_ATTR, _proof_value(h, os.stat(path)), follow_symlinks=False)
+
+
+def _proof_holds(path: str, h: Hash, st: os.stat_result) -> bool:
+    getxattr = getattr(os, "getxattr", None)
+    if getxattr is None:
+        return False
+    try:
+        value: bytes = getxattr(path, _PROOF_ATTR, follow_symlinks=False)
+    except OSError:
+        return False
+    return value == _proof_value(h, st)
+
+
 class _Writer:
     def __init__(self, root: str, durable: bool, concurrency: int) -> None:
         self.root = root
@@ -158,11 +189,14 @@ class _Writer:
         if not os.path.isfile(path) or os.path.islink(path) or st.st_size != size:
             os.unlink(path)
             return False
+        if _proof_holds(path, h, st):
+            return True
         hasher = h.hasher()
         with open(path, "rb", buffering=0) as f:
             while chunk := f.read(_CHUNK):
                 hasher.update(chunk)
         if hasher.hexdigest() == h.hex:
+            _record_proof(path, h)
             return True
         os.unlink(path)
         return False
@@ -202,6 +236,7 @@ class _Writer:
             except BaseException:
                 await out.discard()
                 raise
+            await anyio.to_thread.run_sync(_record_proof, out.final, h)
             self.written += 1
 
     async def data(self, desc: Descriptor, raw: bytes) -> None:
