@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     from . import Hash, Image, ImageIndex, Layer
     from .cache import FilesystemCache
 
+from ._wrap import LayerWrapper
+
 __all__ = ["main"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -351,23 +353,11 @@ class _CountingStream:
             raise StopAsyncIteration from None
 
 
-class _ObservedLayer:
+class _ObservedLayer(LayerWrapper):
     def __init__(self, inner: Layer, rep: Reporter, fs: FilesystemCache | None) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self._rep = rep
         self._fs = fs
-
-    async def digest(self) -> Hash:
-        return await self._inner.digest()
-
-    async def diff_id(self) -> Hash:
-        return await self._inner.diff_id()
-
-    async def size(self) -> int:
-        return await self._inner.size()
-
-    async def media_type(self) -> str:
-        return await self._inner.media_type()
 
     async def compressed(self) -> ByteReceiveStream:
         from .cache import LayerNotFoundError
@@ -385,9 +375,6 @@ class _ObservedLayer:
         inner = await self._inner.compressed()
         counting = _CountingStream(inner, self._rep, str(digest), size, cached)
         return cast("ByteReceiveStream", counting)
-
-    async def uncompressed(self) -> ByteReceiveStream:
-        return await self._inner.uncompressed()
 
 
 class _ObservedImage:

@@ -27,6 +27,7 @@ from .._types import (
     Manifest,
     is_index_type,
 )
+from .._wrap import LayerWrapper
 from ..partial import _ConfigLayer
 from ..streams import drain, read_all
 from ._fs import EntryInfo, FilesystemCache, VerifyReport
@@ -56,27 +57,15 @@ class Cache(Protocol):
     async def delete(self, h: Hash) -> None: ...
 
 
-class _LazyLayer:
+class _LazyLayer(LayerWrapper):
     """A layer of a cached image: each stream is looked up in the cache first."""
 
     def __init__(self, inner: Layer, c: Cache) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self._c = c
 
     def __repr__(self) -> str:
         return f"<lazily cached {self._inner!r}>"
-
-    async def digest(self) -> Hash:
-        return await self._inner.digest()
-
-    async def diff_id(self) -> Hash:
-        return await self._inner.diff_id()
-
-    async def size(self) -> int:
-        return await self._inner.size()
-
-    async def media_type(self) -> str:
-        return await self._inner.media_type()
 
     async def compressed(self) -> ByteReceiveStream:
         try:

@@ -13,6 +13,7 @@ from .._errors import LayerNotFoundError
 from .._hash import Hash
 from .._protocols import Layer
 from .._types import MediaType
+from .._wrap import LayerWrapper
 from ..streams import GZIP_MAGIC, ZSTD_MAGIC, BytesStream, VerifyingStream
 
 __all__ = ["MemoryCache"]
@@ -129,22 +130,10 @@ class _MemSink:
         self._parts = []
 
 
-class _MemTeeLayer:
+class _MemTeeLayer(LayerWrapper):
     def __init__(self, cache: MemoryCache, inner: Layer) -> None:
+        super().__init__(inner)
         self._cache = cache
-        self._inner = inner
-
-    async def digest(self) -> Hash:
-        return await self._inner.digest()
-
-    async def diff_id(self) -> Hash:
-        return await self._inner.diff_id()
-
-    async def size(self) -> int:
-        return await self._inner.size()
-
-    async def media_type(self) -> str:
-        return await self._inner.media_type()
 
     async def compressed(self) -> ByteReceiveStream:
         h, size, mt = await self._inner.digest(), await self._inner.size(), await self.media_type()
