@@ -45,6 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -130,8 +131,10 @@ async def child(kind: str, ref: str, cache_dir: str | None) -> dict[str, Any]:
     }
 
 
-def run_child(kind: str, ref: str, cache_dir: str | None, prime: int) -> dict[str, Any]:
-    """Run the child for ``kind``; between its set-up and its timed stream, ``settle(prime)``.
+def run_child(
+    kind: str, ref: str, cache_dir: str | None, before: Callable[[], None]
+) -> dict[str, Any]:
+    """Run the child for ``kind``; call ``before`` between its set-up and its timed stream.
 
     The child process starts, opens the image (and the cache) and says it is
     ready; only then is memory settled, so the timed stream follows the
@@ -145,7 +148,7 @@ def run_child(kind: str, ref: str, cache_dir: str | None, prime: int) -> dict[st
     ) as proc:
         assert proc.stdin is not None and proc.stdout is not None
         if proc.stdout.readline().strip() == READY:
-            settle(prime)
+            before()
             proc.stdin.write(GO + "\n")
             proc.stdin.flush()
         out, err = proc.communicate()
@@ -176,23 +179,36 @@ def timed(cmds: list[list[str]]) -> tuple[float, float, list[str]]:
     return time.perf_counter() - t0, children_cpu() - cpu0, outs
 
 
-def settle(prime: int = 0) -> None:
-    """Untimed, right before each measurement: write back dirty pages, touch ``prime`` bytes.
+def settle(prime: int = 0, directory: str | None = None) -> None:
+    """Untimed, right before each measurement: write back dirty pages, then prime memory.
 
     As in ``tee.py``: dirty pages of one scenario would otherwise be written
-    back during the next. And on VMs with free-page reporting, pages freed a
-    few seconds earlier go back to the host, and the first touch of them again
-    costs several times more: writing 256 MiB into the page cache took 0.13 s
-    or, at random, 0.6-0.85 s of kernel time on the 2-CPU VM this was written
-    on. Touching (then freeing) memory just before a scenario takes most of
-    that out; it is done before every scenario, since all of them allocate
-    (page cache in c and d, receive buffers in all). The children (b, c) are
-    primed after their start-up, right before their timed stream.
+    back during the next. And on VMs with free-page reporting (virtio-balloon)
+    pages freed a few seconds earlier go back to the host, and the first touch
+    of them again costs several times more: on the 2-CPU VM this was written
+    on, writing 256 MiB into the page cache took 0.06 s of kernel time, or at
+    random 0.2-0.75 s. So ``prime`` bytes of memory are touched and freed,
+    and a file of ``prime`` bytes is written in ``directory`` and deleted
+    (never written back): the page cache allocations that follow (c's entry,
+    d's file) then reuse warm pages; touching anonymous memory alone does not
+    do it reliably. It is done before every scenario, since all of them
+    allocate; the children (b, c) are primed after their start-up, right
+    before their timed stream.
     """
     os.sync()
-    if prime:
-        touched = bytearray(b"\x01") * prime
-        del touched
+    if not prime:
+        return
+    touched = bytearray(b"\x01") * prime
+    del touched
+    if directory is not None:
+        block = b"\x01" * MIB
+        fd, path = tempfile.mkstemp(prefix="prime-", suffix=".tmp", dir=directory)
+        try:
+            for _ in range(0, prime, MIB):
+                os.write(fd, block)
+        finally:
+            os.close(fd)
+            os.unlink(path)
 
 
 def filesystem_of(path: str) -> str:
@@ -248,7 +264,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--no-prime",
         action="store_true",
-        help="do not touch 2x the blob size of memory before each scenario (see settle)",
+        help="do not prime memory and page cache (2x the blob) before each scenario (settle)",
     )
     p.add_argument("--json", type=Path, default=RESULTS, help=f"results file ({RESULTS})")
     # The child mode (b, c), run by the benchmark itself.
@@ -273,6 +289,9 @@ def measure(args: argparse.Namespace, host: str, digest: str, blob_bytes: int) -
     prime = 0 if args.no_prime else 2 * blob_bytes
     entry_name = Hash.parse(digest).filename
 
+    def prepare() -> None:
+        settle(prime, args.base)
+
     def check(key: str, n: int) -> None:
         if n != blob_bytes:
             raise RuntimeError(f"{key}: read {n} bytes, want {blob_bytes}")
@@ -293,22 +312,22 @@ def measure(args: argparse.Namespace, host: str, digest: str, blob_bytes: int) -
         if os.stat(cold).st_dev != os.stat(files).st_dev:
             raise RuntimeError(f"{cold} and {files} are on different filesystems")
         try:
-            settle(prime)
+            prepare()
             s, c, outs = timed([[*curl, "-o", os.devnull, url]])
             check("a", int(outs[0]))
             times["a"].append(s)
             cpu["a"].append(c)
 
-            record_child("b", run_child("b", ref, None, prime))
+            record_child("b", run_child("b", ref, None, prepare))
 
-            r = run_child("c", ref, cold, prime)
+            r = run_child("c", ref, cold, prepare)
             if r["write_errors"]:
                 raise RuntimeError(f"c: {r['write_errors']} cache write errors")
             st = os.stat(os.path.join(cold, entry_name))
             check("c (cache entry)", st.st_size)
             record_child("c", r)
 
-            settle(prime)
+            prepare()
             target = os.path.join(files, "blob")
             s, c, outs = timed([[*curl, "-o", target, url], ["sync", target]])
             check("d", int(outs[0]))
@@ -369,7 +388,7 @@ def report(r: dict[str, Any]) -> str:
         f"files of c and d: {r['dir']} ({r['filesystem']}); Python {r['python']}, "
         f"{r['cpus']} CPUs; MB = 10^6 bytes; a and d time whole curl (and sync) processes, "
         "b and c the stream only (open to end) in a fresh process; "
-        + ("memory primed" if r["memory_primed"] else "memory NOT primed")
+        + ("memory and page cache primed" if r["memory_primed"] else "memory NOT primed")
         + " before each scenario (see settle())",
         "",
         "| scenario | what | median s | MB/s | CPU s | peak RSS MiB |",
