@@ -88,7 +88,9 @@ class AtomicFile:
 
     def __init__(self, final: str, tmp_dir: str, *, durable: bool, tag: str = "blob") -> None:
         self.final = final
-        self.tmp = os.path.join(tmp_dir, f".{tag}.{secrets.token_hex(8)}.tmp")
+        self._tmp_dir = tmp_dir
+        self._tag = tag
+        self.tmp = self._new_name()
         self.durable = durable
         self.head = b""
         self.size = 0
@@ -101,12 +103,41 @@ class AtomicFile:
     def is_open(self) -> bool:
         return bool(self._fd_box)
 
-    async def open(self) -> None:
+    def _new_name(self) -> str:
+        return os.path.join(self._tmp_dir, f".{self._tag}.{secrets.token_hex(8)}.tmp")
+
+    def _open_sync(self) -> int:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-        fd = await anyio.to_thread.run_sync(os.open, self.tmp, flags, 0o644)
-        if fcntl is not None:
+        for _ in range(5):
+            fd = os.open(self.tmp, flags, 0o644)
+            if fcntl is None:
+                return fd
             # Held for the temp file's whole life: a sweep removes only unlocked temps.
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # Between create and lock the file is unlocked, so a sweep in another process
+            # may take it: then take another name.
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)  # a sweep holds it, and removes it
+                self.tmp = self._new_name()
+                continue
+            except OSError:
+                os.close(fd)
+                with contextlib.suppress(OSError):
+                    os.unlink(self.tmp)
+                raise
+            try:
+                ours = os.stat(self.tmp).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                ours = False
+            if ours:
+                return fd
+            os.close(fd)  # swept before we locked it
+            self.tmp = self._new_name()
+        raise OSError(f"temp files in {self._tmp_dir} keep disappearing")
+
+    async def open(self) -> None:
+        fd = await anyio.to_thread.run_sync(self._open_sync)
         self._fd_box.append(fd)
         self._lane = Lane()
         self._finalizer = weakref.finalize(self, _cleanup, self.tmp, self._fd_box)

@@ -279,9 +279,12 @@ class _PartialImage:
     async def layer_by_digest(self, h: Hash) -> Layer:
         if h == self._manifest.config.digest:
             return _ConfigLayer(await self.raw_config_file(), self._manifest.config)
-        for d, layer in zip(self._manifest.layers, await self.layers(), strict=True):
+        for i, d in enumerate(self._manifest.layers):
             if d.digest == h:
-                return layer
+                if self._layers is not None:
+                    return self._layers[i]
+                # Without reading the config: its diff_id is looked up only if asked for.
+                return _IndexedLayer(self, i, self._opener(d), d)
         raise LayerNotFoundError(f"image {self._digest} has no layer with digest {h}")
 
     async def layer_by_diff_id(self, h: Hash) -> Layer:
@@ -291,6 +294,22 @@ class _PartialImage:
             if d == h and i < len(layers):
                 return layers[i]
         raise LayerNotFoundError(f"image {self._digest} has no layer with diff_id {h}")
+
+
+class _IndexedLayer(_CompressedLayer):
+    """Layer ``i`` of an image, made before the config is read; diff_id comes from it."""
+
+    def __init__(self, img: _PartialImage, i: int, opener: Opener, desc: Descriptor) -> None:
+        super().__init__(opener, desc.digest, desc.size, desc.media_type, None)
+        self._img = img
+        self._i = i
+
+    async def diff_id(self) -> Hash:
+        if self._diff_id is None:
+            ids = (await self._img.config_file()).rootfs.diff_ids
+            if len(ids) == len(self._img._manifest.layers):
+                self._diff_id = ids[self._i]
+        return await super().diff_id()
 
 
 def image(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 import logging
 import os
@@ -127,6 +128,11 @@ class _Flight:
 
 
 _FLIGHTS: dict[tuple[int, str], _Flight] = {}
+# The flights whose upstream the current task is opening: a fill whose upstream reads the
+# same entry through the same cache (an image wrapped twice) must not wait on itself.
+_OPENING: contextvars.ContextVar[frozenset[tuple[int, str]]] = contextvars.ContextVar(
+    "_OPENING", default=frozenset()
+)
 
 
 def _unlock(fd: int) -> None:
@@ -243,11 +249,13 @@ class FilesystemCache:
 
     # --- setup and paths ---------------------------------------------------------
 
-    async def _ensure(self) -> None:
+    async def _ensure(self) -> int:
+        """Set up at first use; returns how many stale temp files that swept (else 0)."""
         if not self._root:
-            await anyio.to_thread.run_sync(self._setup)
+            return await anyio.to_thread.run_sync(self._setup)
+        return 0
 
-    def _setup(self) -> None:
+    def _setup(self) -> int:
         p = self.path
         if p.exists() and not p.is_dir():
             raise CacheDirectoryError(f"cache path {p} exists and is not a directory")
@@ -260,7 +268,7 @@ class FilesystemCache:
             ) from exc
         root = os.path.realpath(p)
         # Temp files of writers that died (their lock is free) go now.
-        sweep_temps(os.path.join(root, _STATE_DIR, "tmp"))
+        swept = len(sweep_temps(os.path.join(root, _STATE_DIR, "tmp")))
         self._tmpdir = os.path.join(root, _STATE_DIR, "tmp")
         self._lockdir = os.path.join(root, _STATE_DIR, "locks")
         try:
@@ -269,6 +277,7 @@ class FilesystemCache:
             raise CacheDirectoryError(f"cache path {p} cannot be used: {exc}") from exc
         self._metadir = os.path.join(root, _STATE_DIR, "meta")
         self._root = root
+        return swept
 
     def _entry(self, h: Hash) -> str:
         # A Hash is validated at construction: its file name has no separator.
@@ -437,8 +446,10 @@ class FilesystemCache:
 
     async def verify(self) -> VerifyReport:
         """Hash every entry again (proofs ignored); remove bad ones and stale temp files."""
-        await self._ensure()
-        return await anyio.to_thread.run_sync(self._verify_all_sync)
+        swept = await self._ensure()  # a first use sweeps: count those too
+        report = await anyio.to_thread.run_sync(self._verify_all_sync)
+        report.temps_removed += swept
+        return report
 
     def _verify_all_sync(self) -> VerifyReport:
         report = VerifyReport()
@@ -456,8 +467,8 @@ class FilesystemCache:
 
     async def sweep(self) -> int:
         """Remove temp files left by writers that died (lock-based); return how many."""
-        await self._ensure()
-        return len(await anyio.to_thread.run_sync(sweep_temps, self._tmpdir))
+        swept = await self._ensure()  # a first use sweeps: count those too
+        return swept + len(await anyio.to_thread.run_sync(sweep_temps, self._tmpdir))
 
     async def prune(
         self, *, max_bytes: int | None = None, older_than: float | None = None
@@ -530,6 +541,9 @@ class FilesystemCache:
         while True:
             flight = _FLIGHTS.get(key)
             if flight is not None:
+                if key in _OPENING.get():
+                    # We are inside this entry's own fill: pass through; the outer fill caches.
+                    return await open_upstream()
                 await flight.event.wait()
                 continue
             meta = await self._lookup(h)
@@ -553,12 +567,15 @@ class FilesystemCache:
                 flight.release()
                 continue
             break
+        opening = _OPENING.set(_OPENING.get() | {key})
         try:
             upstream = await open_upstream()
         except BaseException:
             _unlock(lock_fd)
             flight.release()
             raise
+        finally:
+            _OPENING.reset(opening)
         sink = _EntrySink(self, h, info, flight, lock_fd)
         try:
             await sink.open()
