@@ -16,10 +16,12 @@ import os
 import secrets
 import shutil
 import socket
+import struct
 import subprocess
 import threading
 import time
 import urllib.request
+import zlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +30,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict
 
 from aiolayercache import Hash, Image, ImageIndex
 
@@ -235,6 +238,12 @@ class TokenServer:
         self.field = "token"  # or "access_token"
         self.expires_in: int | None = 300
         self.issuer = "aiolayercache-test-issuer"
+        # Misbehaviours for the next requests, one per request (tests/reliability):
+        # ("status", code), ("body", bytes) (HTML content type), ("chunked", bytes),
+        # ("json", object), ("redirect", "host:port").
+        self.script: list[tuple[str, Any]] = []
+        self.seen_auth: list[str] = []  # the Authorization header of each request ("" if none)
+        self.extra: dict[str, Any] = {}  # fields added to, or replacing, each token body
         self.service = "aiolayercache-test-registry"
         app = web.Application()
         app.router.add_get("/token", self.handle)
@@ -254,6 +263,25 @@ class TokenServer:
             }
         }
 
+    async def _misbehave(self, request: web.Request, kind: str, arg: Any) -> web.StreamResponse:
+        if kind == "status":
+            return web.json_response({"details": "injected"}, status=arg)
+        if kind == "body":
+            return web.Response(body=arg, content_type="text/html")
+        if kind == "json":
+            return web.json_response(arg)
+        if kind == "redirect":
+            return web.Response(status=307, headers={"Location": f"http://{arg}{request.path_qs}"})
+        if kind == "chunked":
+            resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+            resp.enable_chunked_encoding()
+            await resp.prepare(request)
+            for i in range(0, len(arg), 64 * 1024):
+                await resp.write(arg[i : i + 64 * 1024])
+            await resp.write_eof()
+            return resp
+        raise ValueError(f"unknown token server misbehaviour {kind!r}")
+
     def _sign(self, claims: dict[str, Any]) -> str:
         from cryptography.hazmat.primitives import hashes
         from cryptography.hazmat.primitives.asymmetric import padding
@@ -265,8 +293,12 @@ class TokenServer:
         sig = self.key.sign(signing_input.encode(), padding.PKCS1v15(), hashes.SHA256())
         return signing_input + "." + _b64url(sig)
 
-    async def handle(self, request: web.Request) -> web.Response:
+    async def handle(self, request: web.Request) -> web.StreamResponse:
         self.requests += 1
+        self.seen_auth.append(request.headers.get("Authorization", ""))
+        if self.script:
+            kind, arg = self.script.pop(0)
+            return await self._misbehave(request, kind, arg)
         user = ""
         auth = request.headers.get("Authorization", "")
         if auth.startswith("Basic "):
@@ -294,6 +326,7 @@ class TokenServer:
         body: dict[str, Any] = {self.field: self._sign(claims)}
         if self.expires_in is not None:
             body["expires_in"] = self.expires_in
+        body.update(self.extra)
         return web.json_response(body)
 
 
@@ -321,6 +354,8 @@ class ProxyStats:
     blob_bytes: int = 0
     range_headers: list[str] = field(default_factory=list)
     authorization_seen: list[str] = field(default_factory=list)
+    manifest_bytes: int = 0  # bodies of GET .../manifests/... answered
+    streamed: int = 0  # bytes sent by the "stream" fault
 
 
 class FaultProxy:
@@ -334,7 +369,9 @@ class FaultProxy:
     ``flip`` (same length, one byte changed), ``stall`` (sleep ``arg`` s before
     the body), ``redirect`` (307 to the origin ``arg``), ``gzip`` (send the body
     gzip-encoded), ``body`` (replace the body with ``arg``, keep headers),
-    ``header`` (set headers ``arg`` on the forwarded response).
+    ``header`` (set headers ``arg`` on the forwarded response), ``delay``
+    (sleep ``arg`` s before forwarding: added latency; give it a large
+    ``times`` and ``method=None`` to delay every request).
     """
 
     def __init__(
@@ -363,7 +400,9 @@ class FaultProxy:
         self.rules.clear()
         self.stats = ProxyStats()
 
-    def add(self, match: str, fault: str, arg: Any = None, times: int = 1, method: str = "GET"):
+    def add(
+        self, match: str, fault: str, arg: Any = None, times: int = 1, method: str | None = "GET"
+    ):
         self.rules.append(Rule(match, fault, times, arg, method))
 
     def _take(self, request: web.Request) -> Rule | None:
@@ -405,6 +444,8 @@ class FaultProxy:
         if self.upstream_auth:
             headers["Authorization"] = self.upstream_auth
         body = await request.read()
+        if fault == "delay":
+            await asyncio.sleep(rule.arg)  # type: ignore[union-attr]
         async with self._session.request(
             request.method,
             f"http://{self.upstream}{request.path_qs}",
@@ -417,6 +458,8 @@ class FaultProxy:
             status = up.status
         if "/blobs/" in request.path and request.method == "GET":
             self.stats.blob_bytes += len(data)
+        if "/manifests/" in request.path and request.method == "GET":
+            self.stats.manifest_bytes += len(data)
         if fault == "header":
             out_headers.update(rule.arg)  # type: ignore[union-attr]
         if fault == "body":
@@ -430,6 +473,9 @@ class FaultProxy:
         if fault == "gzip":
             data = gzip.compress(data)
             out_headers["Content-Encoding"] = "gzip"
+        more = await self._more_faults(request, rule, status, out_headers, data)
+        if more is not None:
+            return more
         if fault == "stall":
             await asyncio.sleep(rule.arg)  # type: ignore[union-attr]
         if fault == "throttle":  # send the body slowly: arg = seconds between 64 KiB pieces
@@ -440,6 +486,27 @@ class FaultProxy:
                 await resp.write(data[i : i + 64 * 1024])
                 await asyncio.sleep(rule.arg)  # type: ignore[union-attr]
             await resp.write_eof()
+            return resp
+        if fault == "pause":
+            # arg = (n, reached, release), two threading.Events: send the headers and n
+            # bytes, set `reached` ("offset reached"), hold the rest until `release` is
+            # set or the client is gone (a test killed it), at most 60 s.
+            n, reached, release = rule.arg  # type: ignore[union-attr]
+            resp = web.StreamResponse(status=status, headers=out_headers)
+            resp.content_length = len(data)
+            await resp.prepare(request)  # a StreamResponse sends its headers at once
+            await resp.write(data[:n])
+            reached.set()
+            deadline = time.monotonic() + 60
+            while not release.is_set() and time.monotonic() < deadline:
+                if request.transport is None or request.transport.is_closing():
+                    return resp
+                await asyncio.sleep(0.01)
+            try:
+                await resp.write(data[n:])
+                await resp.write_eof()
+            except ConnectionResetError:
+                pass  # the client died just before the release
             return resp
         if fault in ("cut", "cut_chunked", "short_chunked"):
             n = rule.arg  # type: ignore[union-attr]
@@ -458,6 +525,113 @@ class FaultProxy:
             request.transport.close()
             return resp
         return web.Response(status=status, body=data, headers=out_headers)
+
+    async def _more_faults(
+        self,
+        request: web.Request,
+        rule: Rule | None,
+        status: int,
+        out_headers: dict[str, str],
+        data: bytes,
+    ) -> web.StreamResponse | None:
+        """Faults for tests/reliability; None to go on with the forwarded response.
+
+        ``drop_header`` (remove the headers named in ``arg``), ``add_headers``
+        (``arg`` = [(name, value), ...], repeats allowed, replacing those names),
+        ``content_length``
+        (cut or pad the body by ``arg`` bytes; Content-Length agrees with what is
+        sent), ``chunked`` (send the body, or ``arg``, chunked: no Content-Length),
+        ``content_range`` (answer 206 with Content-Range ``arg``; None: no
+        Content-Range; "multipart": a multipart/byteranges Content-Type instead),
+        ``encoding`` (Content-Encoding ``arg``; gzip and deflate bodies are encoded,
+        others sent as they are), ``rst`` (send ``arg`` bytes of a fixed-length body,
+        then reset the connection: SO_LINGER 0 and close), ``stall_mid`` (``arg`` =
+        (n, s): send n bytes, then nothing for s seconds, then the rest), ``stream``
+        (``arg`` = (size, length): ``size`` generated bytes in 64 KiB pieces, with
+        Content-Length ``length``, or chunked when it is None; when ``length`` is
+        less than ``size`` the bytes past it follow on the connection anyway (a lying
+        Content-Length); stops when the client goes away; counted in ``stats.streamed``).
+        """
+        if rule is None:
+            return None
+        fault, arg = rule.fault, rule.arg
+        if fault == "drop_header":
+            for name in arg:
+                for k in [k for k in out_headers if k.lower() == name.lower()]:
+                    del out_headers[k]
+            return None
+        if fault == "add_headers":
+            names = {k.lower() for k, _ in arg}
+            multi = CIMultiDict((k, v) for k, v in out_headers.items() if k.lower() not in names)
+            for k, v in arg:
+                multi.add(k, v)
+            return web.Response(status=status, body=data, headers=multi)
+        if fault == "content_length":
+            body = data[: len(data) + arg] if arg < 0 else data + b"\0" * arg
+            return web.Response(status=status, body=body, headers=out_headers)
+        if fault == "content_range":
+            for k in [k for k in out_headers if k.lower() == "content-range"]:
+                del out_headers[k]
+            if arg == "multipart":
+                out_headers["Content-Type"] = "multipart/byteranges; boundary=aiolayercache"
+            elif arg is not None:
+                out_headers["Content-Range"] = arg
+            return web.Response(status=206, body=data, headers=out_headers)
+        if fault == "encoding":
+            body = {"gzip": gzip.compress, "deflate": zlib.compress}.get(arg, bytes)(data)
+            out_headers["Content-Encoding"] = arg
+            return web.Response(status=status, body=body, headers=out_headers)
+        if fault not in ("chunked", "rst", "stall_mid", "stream"):
+            return None
+        resp = web.StreamResponse(status=status, headers=out_headers)
+        try:
+            if fault == "chunked":
+                body = data if arg is None else arg
+                resp.enable_chunked_encoding()
+                await resp.prepare(request)
+                for i in range(0, len(body), 64 * 1024):
+                    await resp.write(body[i : i + 64 * 1024])
+            elif fault == "rst":
+                resp.content_length = len(data)
+                await resp.prepare(request)
+                await resp.write(data[:arg])
+                await asyncio.sleep(0.05)  # let the client read what was sent
+                assert request.transport is not None
+                sock = request.transport.get_extra_info("socket")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                request.transport.close()
+                return resp
+            elif fault == "stall_mid":
+                n, seconds = arg
+                resp.content_length = len(data)
+                await resp.prepare(request)
+                await resp.write(data[:n])
+                await asyncio.sleep(seconds)
+                await resp.write(data[n:])
+            else:
+                size, length = arg
+                if length is None:
+                    resp.enable_chunked_encoding()
+                else:
+                    resp.content_length = length
+                await resp.prepare(request)
+                piece = bytes(range(256)) * 256
+                sent = 0
+                while sent < size:
+                    if request.transport is None or request.transport.is_closing():
+                        return resp
+                    n = min(len(piece), size - sent)
+                    if length is not None and sent >= length:
+                        request.transport.write(piece[:n])  # past the Content-Length
+                        await asyncio.sleep(0)
+                    else:
+                        await resp.write(piece[:n])
+                    sent += n
+                    self.stats.streamed += n
+            await resp.write_eof()
+        except (ConnectionError, OSError, RuntimeError):
+            pass  # the client went away, as it may
+        return resp
 
     def start(self) -> FaultProxy:
         self.server.start()

@@ -89,7 +89,8 @@ def _load(raw: bytes, what: str) -> dict[str, Any]:
 
 
 def _dump(doc: dict[str, Any]) -> bytes:
-    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+    # ASCII escapes: a lone surrogate that parsed (JSON allows "\ud800") writes back too.
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=True).encode()
 
 
 def _opt_str(doc: dict[str, Any], key: str, what: str) -> str | None:

@@ -253,7 +253,7 @@ async def images(path: str | os.PathLike[str]) -> list[Image]:
     raw_list = await archive.read("manifest.json")
     try:
         entries = json.loads(raw_list)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise ManifestError(f"{p}: manifest.json is not valid JSON") from exc
     if not isinstance(entries, list):
         raise ManifestError(f"{p}: manifest.json is not a list")
@@ -301,6 +301,8 @@ async def images(path: str | os.PathLike[str]) -> list[Image]:
 
         img = _TarballImage(raw, opener(), raw_config)
         tags = entry.get("RepoTags") or []
+        if not isinstance(tags, list):
+            raise ManifestError(f"{p}: manifest.json entry {i}: 'RepoTags' must be a list")
         img.repo_tags = [t for t in tags if isinstance(t, str)]
         out.append(img)
     return out

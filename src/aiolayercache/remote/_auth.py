@@ -63,7 +63,7 @@ def load_docker_config(registry: str, path: str | os.PathLike[str] | None = None
         if p.stat().st_size > 1024 * 1024:
             return Credentials()
         doc = json.loads(p.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return Credentials()
     auths = doc.get("auths") if isinstance(doc, dict) else None
     if not isinstance(auths, dict):
@@ -98,7 +98,7 @@ class Challenge:
 
 _TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _PARAM = re.compile(rf"\s*({_TOKEN})\s*=\s*(?:\"((?:[^\"\\]|\\.)*)\"|({_TOKEN}))\s*")
-_SCHEME = re.compile(rf"\s*({_TOKEN})(?:\s+|$)")
+_SCHEME = re.compile(rf"\s*({_TOKEN})(?:\s+|$|(?=,))")
 
 
 def parse_challenges(header: str) -> list[Challenge]:

@@ -7,9 +7,11 @@ import email.utils
 import ipaddress
 import json
 import logging
+import math
 import platform as _platform
 import random as _random
 import re
+import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -60,6 +62,7 @@ MANIFEST_ACCEPT = ", ".join(
 _RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 _NET_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError, OSError)
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+_TOKEN_VALUE = re.compile(r"[\x21-\x7e]+")
 
 
 def redact(url: URL | str) -> str:
@@ -121,7 +124,13 @@ class RetryPolicy:
     ``jitter`` of it at random). A ``Retry-After`` is honoured up to
     ``retry_after_cap`` seconds. A blob cut off mid-stream is resumed at most
     ``resumes`` times in all, and given up when two resumes in a row made no
-    progress.
+    progress. Retries to one registry share ``retry_budget`` tokens across
+    every task of the client: each retry spends one, each answered request
+    (not 408/429/5xx) refunds ``retry_refund``; with none left, a request
+    fails at its first error, so a thousand tasks in a 5xx storm send about
+    a thousand requests plus the budget, not a thousand times ``attempts``.
+    A quota 429 (``ratelimit-remaining: 0`` with a wait past
+    ``retry_after_cap``) is not retried.
     """
 
     attempts: int = 5
@@ -131,11 +140,15 @@ class RetryPolicy:
     jitter: float = 0.25
     retry_after_cap: float = 60.0
     resumes: int = 10
+    retry_budget: float = 10.0
+    retry_refund: float = 0.2
 
     def delay(self, attempt: int, retry_after: float | None = None) -> float:
         if retry_after is not None:
-            return max(0.0, min(retry_after, self.retry_after_cap))
-        base = min(self.max_backoff, self.backoff * self.factor**attempt)
+            # Capped, then jittered: tasks told the same Retry-After do not return in step.
+            base = max(0.0, min(retry_after, self.retry_after_cap))
+        else:
+            base = min(self.max_backoff, self.backoff * self.factor**attempt)
         return base + base * self.jitter * _random.random()
 
 
@@ -165,7 +178,7 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
 def _codes(body: bytes) -> tuple[list[str], str]:
     try:
         doc = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deep
         return [], ""
     codes, messages = [], []
     if isinstance(doc, dict) and isinstance(doc.get("errors"), list):
@@ -178,10 +191,31 @@ def _codes(body: bytes) -> tuple[list[str], str]:
     return codes, "; ".join(messages)
 
 
-def _is_link_local(host: str) -> bool:
+def _literal_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address a host literal names as the resolver reads it, or None for a name.
+
+    Covers what ``ipaddress`` alone misses: the legacy IPv4 forms the C resolver
+    accepts (``2852039166``, ``0xa9fea9fe``, ``0251.0376.0251.0376``,
+    ``169.254.43518``) and IPv4-mapped IPv6 (``::ffff:169.254.169.254``).
+    """
+    h = host.strip("[]").split("%", 1)[0]
     try:
-        ip = ipaddress.ip_address(host.strip("[]"))
+        ip: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(h)
     except ValueError:
+        if not h or not all(c.isalnum() or c == "." for c in h) or not h[0].isdigit():
+            return None
+        try:
+            ip = ipaddress.IPv4Address(socket.inet_aton(h))
+        except (OSError, ValueError):
+            return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def _is_link_local(host: str) -> bool:
+    ip = _literal_ip(host)
+    if ip is None:
         return False
     return ip.is_link_local or ip.is_multicast or ip.is_unspecified
 
@@ -190,9 +224,8 @@ def _is_private(host: str) -> bool:
     h = host.strip("[]")
     if h == "localhost" or h.endswith(".localhost"):
         return True
-    try:
-        ip = ipaddress.ip_address(h)
-    except ValueError:
+    ip = _literal_ip(h)
+    if ip is None:
         return False
     return ip.is_private or ip.is_loopback
 
@@ -270,6 +303,7 @@ class Client:
         self._tokens: dict[tuple[str, str], _Token] = {}
         self._token_locks: dict[tuple[str, str], anyio.Lock] = {}
         self._creds_cache: dict[str, Credentials] = {}
+        self._budget: dict[str, float] = {}
         self._closed = False
 
     def __repr__(self) -> str:
@@ -388,7 +422,7 @@ class Client:
             body = await _read_capped(resp, MAX_TOKEN_BYTES, "token response")
         try:
             doc = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested too deep
             doc = None
         value = None
         if isinstance(doc, dict):
@@ -397,10 +431,21 @@ class Client:
             raise UnauthorizedError(
                 f"{ref.context}: token response has no token", url=redact(url), status=200
             )
+        if not _TOKEN_VALUE.fullmatch(value):
+            # It goes into an Authorization header: no spaces, controls or non-ASCII.
+            raise UnauthorizedError(
+                f"{ref.context}: token response has a malformed token", url=redact(url), status=200
+            )
         expires_in = doc.get("expires_in") if isinstance(doc, dict) else None
         if not isinstance(expires_in, int | float) or isinstance(expires_in, bool):
             expires_in = 60
-        expires_in = max(float(expires_in), 60.0)
+        try:
+            expires_in = float(expires_in)
+        except OverflowError:  # an int too big for a float
+            expires_in = 60.0
+        if not math.isfinite(expires_in):
+            expires_in = 60.0
+        expires_in = max(expires_in, 60.0)
         # Refresh a little before the server's expiry.
         return _Token(value, time.monotonic() + expires_in * 0.9 - 5)
 
@@ -439,18 +484,36 @@ class Client:
         for attempt in range(policy.attempts):
             try:
                 resp = await self._send_following(session, method, url, headers, registry, data)
+            except aiohttp.ClientResponseError as exc:
+                # A response aiohttp cannot parse (status line, oversized header, an
+                # encoding it cannot decode). ``from None``: its request info holds headers.
+                raise RemoteError(
+                    f"malformed response: {exc.message}", method=method, url=redact(url)
+                ) from None
             except _NET_ERRORS as exc:
                 if isinstance(exc, RemoteError):
                     raise
                 last_exc = exc
-                if attempt + 1 >= policy.attempts:
+                if attempt + 1 >= policy.attempts or not self._spend(registry):
                     break
                 delay = policy.delay(attempt)
                 log.debug("%s %s: %s; retrying in %.2fs", method, redact(url), exc, delay)
                 await anyio.sleep(delay)
                 continue
+            except aiohttp.ClientError as exc:  # an URL aiohttp refuses (a redirect's target)
+                detail = getattr(exc, "description", None) or type(exc).__name__
+                raise RemoteError(
+                    f"request failed: {detail}", method=method, url=redact(url)
+                ) from None
+            if resp.status not in retry_statuses:
+                self._refund(registry)
             if resp.status in retry_statuses and attempt + 1 < policy.attempts:
                 ra = parse_retry_after(resp.headers.get("Retry-After"))
+                quota = resp.headers.get("ratelimit-remaining", "").strip().startswith("0")
+                if resp.status == 429 and quota and (ra is None or ra > policy.retry_after_cap):
+                    return resp  # an exhausted quota: waiting the cap out would not help
+                if not self._spend(registry):
+                    return resp  # the registry's shared retry budget is spent
                 delay = policy.delay(attempt, ra)
                 resp.release()
                 log.debug(
@@ -460,10 +523,25 @@ class Client:
                 continue
             return resp
         raise TransportError(
-            f"no response after {policy.attempts} attempts: {type(last_exc).__name__}: {last_exc}",
+            f"no response after {attempt + 1} attempts: {type(last_exc).__name__}: {last_exc}",
             method=method,
             url=redact(url),
         ) from last_exc
+
+    def _spend(self, registry: Reference) -> bool:
+        """Take one retry from the registry's shared budget; False when none is left."""
+        left = self._budget.get(registry.endpoint, self.retry.retry_budget)
+        if left < 1:
+            return False
+        self._budget[registry.endpoint] = left - 1
+        return True
+
+    def _refund(self, registry: Reference) -> None:
+        left = self._budget.get(registry.endpoint)
+        if left is not None:
+            self._budget[registry.endpoint] = min(
+                self.retry.retry_budget, left + self.retry.retry_refund
+            )
 
     async def _send_following(
         self,
@@ -486,7 +564,12 @@ class Client:
             resp.release()
             if not location:
                 raise RemoteError("redirect without Location", method=method, url=redact(url))
-            nxt = url.join(URL(location))
+            try:
+                nxt = url.join(URL(location))
+            except ValueError:
+                raise RemoteError(
+                    "redirect to a malformed Location", method=method, url=redact(url)
+                ) from None
             if nxt.scheme not in ("http", "https") or not nxt.host:
                 raise RemoteError(
                     f"refusing redirect to {redact(nxt)}", method=method, url=redact(url)
@@ -545,7 +628,9 @@ class Client:
                 hdrs["Authorization"] = auth
             resp = await self._send(method, url, headers=hdrs, registry=ref)
             if resp.status == 401 and sent is None:
-                challenges = parse_challenges(resp.headers.get("WWW-Authenticate", ""))
+                challenges = parse_challenges(
+                    ", ".join(resp.headers.getall("WWW-Authenticate", []))
+                )
                 ch = next((c for c in challenges if c.scheme == "bearer"), None) or next(
                     (c for c in challenges if c.scheme == "basic"), None
                 )
@@ -630,7 +715,7 @@ def _media_type(raw: bytes, content_type: str, what: str) -> str:
     """The manifest's media type from Content-Type and body; refuse schema 1 and conflicts."""
     try:
         doc = json.loads(raw)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep
         raise ManifestError(f"manifest {what}: not valid JSON") from exc
     if not isinstance(doc, dict):
         raise ManifestError(f"manifest {what}: not a JSON object")
@@ -724,28 +809,37 @@ class _BlobStream(ChunkStream):
         self._resp = await self._open(reached)
 
     async def _next(self) -> bytes | None:
-        buf = bytearray()
+        # Gather what the socket hands over (readany: no copy) and join it once per
+        # ~1 MiB: every byte is copied once, not twice.
+        parts: list[bytes] = []
+        got = 0
         size = self._desc.size
-        while len(buf) < CHUNK_SIZE:
+
+        def take() -> bytes:
+            nonlocal parts, got
+            out = parts[0] if len(parts) == 1 else b"".join(parts)
+            self.offset += got
+            parts, got = [], 0
+            return out
+
+        while got < CHUNK_SIZE:
             resp = self._resp
             if resp is None:
-                await self._resume(None, self.offset + len(buf))
+                await self._resume(None, self.offset + got)
                 continue
             try:
-                data = await resp.content.read(CHUNK_SIZE - len(buf))
+                data = await resp.content.readany()
             except _NET_ERRORS as exc:
                 if isinstance(exc, RemoteError):
                     raise
-                self.offset += len(buf)
-                out, buf = bytes(buf), bytearray()
+                out = take()
                 await self._resume(exc, self.offset)
                 if out:
                     return out
                 continue
             if not data:
-                if self.offset + len(buf) < size:
-                    self.offset += len(buf)
-                    out, buf = bytes(buf), bytearray()
+                if self.offset + got < size:
+                    out = take()
                     await self._resume(ConnectionError("body ended early"), self.offset)
                     if out:
                         return out
@@ -755,9 +849,11 @@ class _BlobStream(ChunkStream):
                 drop = min(self._skip, len(data))
                 self._skip -= drop
                 data = data[drop:]
-            buf += data
-        self.offset += len(buf)
-        return bytes(buf) if buf else None
+                if not data:
+                    continue
+            parts.append(data)
+            got += len(data)
+        return take() if got else None
 
     async def _aclose(self) -> None:
         if self._resp is not None:
