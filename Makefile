@@ -28,8 +28,8 @@ registry:
 demo: venv registry
 	$(BIN)/python scripts/demo.py
 
-bench: venv
-	$(BIN)/python benchmarks/tee.py
+bench: venv registry
+	$(BIN)/python -m benchmarks
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -86,12 +86,16 @@ class AtomicFile:
     removes the temp file (also done by a finalizer if the object is dropped).
     """
 
-    def __init__(self, final: str, tmp_dir: str, *, durable: bool, tag: str = "blob") -> None:
+    def __init__(
+        self, final: str, tmp_dir: str, *, durable: bool, tag: str = "blob", sync_dir: bool = True
+    ) -> None:
         self.final = final
         self._tmp_dir = tmp_dir
         self._tag = tag
         self.tmp = self._new_name()
         self.durable = durable
+        # False: the caller fsyncs the directory itself, once for many files.
+        self.sync_dir = sync_dir
         self.head = b""
         self.size = 0
         self._fd_box: list[int] = []
@@ -204,7 +208,7 @@ class AtomicFile:
         os.replace(self.tmp, self.final)
         if self._finalizer is not None:
             self._finalizer.detach()
-        if self.durable:
+        if self.durable and self.sync_dir:
             fsync_dir(os.path.dirname(self.final))
 
     async def commit(self) -> None:

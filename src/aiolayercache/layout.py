@@ -21,7 +21,7 @@ import anyio.to_thread
 from anyio.abc import ByteReceiveStream
 
 from . import partial
-from ._atomic import AtomicFile
+from ._atomic import AtomicFile, fsync_dir
 from ._errors import AioLayerCacheError, DigestMismatchError, ManifestError, first_error
 from ._hash import Hash
 from ._protocols import Image, ImageIndex
@@ -176,6 +176,7 @@ class _Writer:
         self.durable = durable
         self.limiter = anyio.CapacityLimiter(concurrency)
         self.claimed: set[Hash] = set()
+        self.dirs: set[str] = set()
         self.written = 0
         self.reused = 0
 
@@ -210,12 +211,15 @@ class _Writer:
             if await anyio.to_thread.run_sync(self._verified, h, desc.size):
                 self.reused += 1
                 return
+            blob_dir = os.path.dirname(_blob_path(self.root, h))
             out = AtomicFile(
                 _blob_path(self.root, h),
-                os.path.dirname(_blob_path(self.root, h)),
+                blob_dir,
                 durable=self.durable,
                 tag=h.hex[:16],
+                sync_dir=False,  # one fsync of the directory before index.json, for all
             )
+            self.dirs.add(blob_dir)
             await out.open()
             try:
                 raw = await open_()
@@ -372,6 +376,10 @@ async def write_all(
         ]
         manifests.append(desc)
     doc = IndexManifest(schema_version=2, manifests=manifests, media_type=MediaType.OCI_IMAGE_INDEX)
+    if w.durable:
+        # The blobs' names are on disk before index.json can point at them.
+        for d in sorted(w.dirs):
+            await anyio.to_thread.run_sync(fsync_dir, d)
     out = AtomicFile(os.path.join(root, "index.json"), root, durable=durability == "full")
     await out.open()
     try:
