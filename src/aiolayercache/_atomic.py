@@ -6,6 +6,7 @@ import contextlib
 import os
 import secrets
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -211,12 +212,22 @@ class AtomicFile:
         if self.durable and self.sync_dir:
             fsync_dir(os.path.dirname(self.final))
 
-    async def commit(self) -> None:
-        """Wait for the writes, then fsync, rename and fsync the directory."""
+    async def commit(self, after: Callable[[], object] | None = None) -> None:
+        """Wait for the writes, then fsync, rename and fsync the directory.
+
+        ``after`` runs in the same worker thread right after the rename (one
+        thread hop for both; small entries pay per hop).
+        """
         assert self._lane is not None, "commit after commit or discard"
         await self._lane.join()
         self._lane = None
-        await anyio.to_thread.run_sync(self._finish_sync)
+
+        def finish() -> None:
+            self._finish_sync()
+            if after is not None:
+                after()
+
+        await anyio.to_thread.run_sync(finish)
 
     async def discard(self) -> None:
         """Drop the temp file (waits for a write in progress). Never raises OSError."""

@@ -318,6 +318,7 @@ class _CountingStream:
         self._cached = cached
         self._seen = 0
         self.proven_fd = getattr(inner, "proven_fd", None)
+        self.verifies = getattr(inner, "verifies", None)  # bytes pass through unchanged
 
     async def receive(self, max_bytes: int = 1 << 20) -> bytes:
         data = await self._inner.receive(max_bytes)
@@ -415,7 +416,7 @@ class _ObservedIndex:
 async def _resolve(
     src: Source, args: argparse.Namespace, client: Any
 ) -> list[tuple[str, Image | ImageIndex]]:
-    from . import layout, tarball
+    from . import layout
     from ._types import is_index_type
     from .remote import Reference, host_platform
 
@@ -452,6 +453,8 @@ async def _resolve(
             else:
                 out.append((name, await ii.image(d.digest)))
         return out
+    from . import tarball
+
     imgs = await tarball.images(src.path)
     return [
         ((getattr(img, "repo_tags", None) or [os.path.basename(src.path)])[0], img) for img in imgs
@@ -472,7 +475,7 @@ async def _platform_child(ii: ImageIndex, platform: str, what: str) -> Image:
 async def _pull(args: argparse.Namespace, rep: Reporter) -> int:
     import anyio
 
-    from . import Image, cache, layout, mutate, tarball
+    from . import Image, cache, layout, mutate
     from .cache import FilesystemCache
     from .remote import Client
 
@@ -520,6 +523,8 @@ async def _pull(args: argparse.Namespace, rep: Reporter) -> int:
                 for (name, _), d in zip(targets, descs, strict=True):
                     rep.image_done(name, d.digest)
             else:
+                from . import tarball
+
                 images = [(name, cast("Image", t)) for name, t in targets]
                 await tarball.write(args.dest, images)
                 for name, t in targets:

@@ -223,10 +223,14 @@ class VerifyingStream(ChunkStream):
         self._on_mismatch = on_mismatch
         self._hasher = expected.hasher()
         self._lane: Lane | None = None
+        # What this stream guarantees at its end; wrappers that pass bytes through unchanged
+        # may forward it, so that a VerifyingStream around them trusts it too.
+        self.verifies: tuple[Hash, int | None] = (expected, size)
+        inner_verifies = getattr(inner, "verifies", None)
         self._trust_inner = (
-            isinstance(inner, VerifyingStream)
-            and inner.expected == expected
-            and (size is None or inner.expected_size in (None, size))
+            isinstance(inner_verifies, tuple)
+            and inner_verifies[0] == expected
+            and (size is None or inner_verifies[1] in (None, size))
         )
         self.received = 0
         # Set by a cache on a stream of an entry whose proof of verification holds:

@@ -319,9 +319,13 @@ async def prefetch(
     seen_layers: set[Hash] = set()
     seen_manifests: set[Hash] = set()
 
-    async def fetch_layer(layer: Layer) -> None:
+    async def fetch_layer(layer: Layer | tuple[Image, Hash]) -> None:
         async with limiter:
-            h = await (layer.diff_id() if uncompressed else layer.digest())
+            if isinstance(layer, tuple):
+                # Known from the manifest: the image is asked for the layer only on a miss.
+                h = layer[1]
+            else:
+                h = await (layer.diff_id() if uncompressed else layer.digest())
             if h in seen_layers:
                 return
             seen_layers.add(h)
@@ -338,12 +342,19 @@ async def prefetch(
                 stats.bytes_from_cache += size  # not `+= await`: that loses updates
                 return
             stats.misses += 1
+            if isinstance(layer, tuple):
+                layer = await layer[0].layer_by_digest(h)
             put = await c.put(layer)
             stream = await (put.uncompressed() if uncompressed else put.compressed())
             n = await drain(stream)
             stats.bytes_fetched += n
 
     async def walk_image(tg: anyio.abc.TaskGroup, img: Image) -> None:
+        if not uncompressed:
+            # Digests are in the manifest: no need to read the config to list layers.
+            for desc in (await img.manifest()).layers:
+                tg.start_soon(fetch_layer, (img, desc.digest))
+            return
         async with limiter:
             layers = await img.layers()
         for layer in layers:

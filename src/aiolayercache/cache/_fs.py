@@ -198,8 +198,7 @@ class _EntrySink:
             if not self._file.is_open:
                 return
             try:
-                await self._file.commit()
-                await anyio.to_thread.run_sync(self._record)
+                await self._file.commit(after=self._record)
             except OSError as exc:
                 self._report(exc)
                 await self._file.discard()

@@ -284,7 +284,7 @@ class Client:
         docker_config: bool = True,
         insecure: bool = False,
         retry: RetryPolicy | None = None,
-        limit_per_host: int = 8,
+        limit_per_host: int = 16,
         connect_timeout: float = 30.0,
         read_timeout: float = 60.0,
         user_agent: str = "aiolayercache/0.1",
