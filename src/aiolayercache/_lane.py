@@ -33,7 +33,7 @@ class Lane:
     can be released safely after it.
     """
 
-    def __init__(self, max_pending: int = 4 * 1024 * 1024) -> None:
+    def __init__(self, max_pending: int = 8 * 1024 * 1024) -> None:
         self._loop = asyncio.get_running_loop()
         self._lock = threading.Lock()
         self._jobs: deque[tuple[Callable[[bytes], object], bytes]] = deque()
