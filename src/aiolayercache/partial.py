@@ -164,11 +164,17 @@ def uncompressed_layer(
 
 
 class _ConfigLayer:
-    """The config blob seen as a layer (``layer_by_digest(config_name)``, as ggcr does)."""
+    """The config blob seen as a layer (``layer_by_digest(config_name)``, as ggcr does).
 
-    def __init__(self, raw: bytes, desc: Descriptor) -> None:
+    ``raw`` is the config's bytes, or an async function that fetches them when read.
+    """
+
+    def __init__(self, raw: bytes | Callable[[], Awaitable[bytes]], desc: Descriptor) -> None:
         self._raw = raw
         self._desc = desc
+
+    async def _bytes(self) -> bytes:
+        return self._raw if isinstance(self._raw, bytes) else await self._raw()
 
     async def digest(self) -> Hash:
         return self._desc.digest
@@ -183,10 +189,10 @@ class _ConfigLayer:
         return self._desc.media_type
 
     async def compressed(self) -> ByteReceiveStream:
-        return BytesStream(self._raw)
+        return BytesStream(await self._bytes())
 
     async def uncompressed(self) -> ByteReceiveStream:
-        return BytesStream(self._raw)
+        return BytesStream(await self._bytes())
 
 
 class _PartialImage:

@@ -28,7 +28,8 @@ from .._types import (
     is_index_type,
 )
 from .._wrap import LayerWrapper
-from ..streams import BytesStream, drain, read_all
+from ..partial import _ConfigLayer
+from ..streams import drain, read_all
 from ._fs import EntryInfo, FilesystemCache, VerifyReport
 from ._memory import MemoryCache
 
@@ -81,35 +82,6 @@ class _LazyLayer(LayerWrapper):
         return await (await self._c.put(self._inner)).uncompressed()
 
 
-class _InnerConfig:
-    """An image's config blob as a layer; its bytes are fetched only when it is read."""
-
-    def __init__(self, img: Image, desc: Descriptor) -> None:
-        self._img = img
-        self._desc = desc
-
-    def __repr__(self) -> str:
-        return f"<config {self._desc.digest}>"
-
-    async def digest(self) -> Hash:
-        return self._desc.digest
-
-    async def diff_id(self) -> Hash:
-        return self._desc.digest
-
-    async def size(self) -> int:
-        return self._desc.size
-
-    async def media_type(self) -> str:
-        return self._desc.media_type
-
-    async def compressed(self) -> ByteReceiveStream:
-        return BytesStream(await self._img.raw_config_file())
-
-    async def uncompressed(self) -> ByteReceiveStream:
-        return await self.compressed()
-
-
 class _CachedImage:
     def __init__(self, inner: Image, c: Cache) -> None:
         self._inner = inner
@@ -150,7 +122,7 @@ class _CachedImage:
             except LayerNotFoundError:
                 # Fetched inside the cache's fill, so one task or process fetches it and
                 # the others read what it committed (single-flight, as for layers).
-                put = await self._c.put(_InnerConfig(self._inner, desc))
+                put = await self._c.put(_ConfigLayer(self._inner.raw_config_file, desc))
                 self._raw_config = await read_all(await put.compressed(), MAX_DOCUMENT_BYTES)
         return self._raw_config
 

@@ -43,6 +43,7 @@ from .._errors import CacheDirectoryError, LayerNotFoundError
 from .._hash import Hash
 from .._protocols import Layer
 from .._types import MediaType
+from .._wrap import LayerWrapper
 from ..streams import CHUNK_SIZE, GZIP_MAGIC, ZSTD_MAGIC, FileStream, VerifyingStream
 
 __all__ = ["EntryInfo", "FilesystemCache", "VerifyReport"]
@@ -649,27 +650,15 @@ class FilesystemCache:
         await anyio.to_thread.run_sync(remove)
 
 
-class _TeeLayer:
+class _TeeLayer(LayerWrapper):
     """What ``FilesystemCache.put`` returns: streams served from, or filling, the cache."""
 
     def __init__(self, cache: FilesystemCache, inner: Layer) -> None:
+        super().__init__(inner)
         self._cache = cache
-        self._inner = inner
 
     def __repr__(self) -> str:
         return f"<cached {self._inner!r} in {self._cache!r}>"
-
-    async def digest(self) -> Hash:
-        return await self._inner.digest()
-
-    async def diff_id(self) -> Hash:
-        return await self._inner.diff_id()
-
-    async def size(self) -> int:
-        return await self._inner.size()
-
-    async def media_type(self) -> str:
-        return await self._inner.media_type()
 
     async def compressed(self) -> ByteReceiveStream:
         h = await self._inner.digest()
