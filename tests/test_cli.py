@@ -241,3 +241,15 @@ def test_cache_ls_du_verify_rm(registry: Registry, published: Published, tmp_pat
     prune = run("cache", "--cache-dir", str(cache_dir), "prune", "--max-size", "0")
     assert prune.returncode == 0
     assert entries(cache_dir, configs=True) == []
+
+
+def test_source_syntax_is_skopeos() -> None:
+    from aiolayercache.cli import UsageError, parse_source
+
+    src = parse_source("oci:./images:docker.io/library/alpine:3.20")
+    assert (src.kind, src.path, src.ref) == ("oci", "./images", "docker.io/library/alpine:3.20")
+    assert parse_source("oci:/x").ref is None
+    assert parse_source("docker-archive:/a/b.tar").path == "/a/b.tar"
+    assert parse_source("docker://alpine:3.20").ref == "alpine:3.20"
+    with pytest.raises(UsageError):
+        parse_source("oci:")

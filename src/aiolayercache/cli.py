@@ -180,11 +180,9 @@ class Source:
 
 def parse_source(s: str) -> Source:
     if s.startswith("oci:"):
-        rest = s[4:]
-        path, ref = rest, None
-        head, sep, tail = rest.rpartition(":")
-        if sep and head and "/" not in tail:
-            path, ref = head, tail
+        # As skopeo reads it: the directory ends at the first ':' (the ref may hold more).
+        path, sep, ref_text = s[4:].partition(":")
+        ref = ref_text if sep and ref_text else None
         if not path:
             raise UsageError(f"{s!r}: oci: needs a directory (oci:DIR[:REF])")
         return Source(s, "oci", path, ref)
