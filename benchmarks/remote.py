@@ -51,9 +51,11 @@ from typing import Any
 
 import anyio
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from aiolayercache import Hash, cache, remote
 from aiolayercache.cache import FilesystemCache
 from aiolayercache.streams import drain
+from benchmarks.common import filesystem_of
 
 MIB = 1 << 20
 MB = 1_000_000
@@ -209,25 +211,6 @@ def settle(prime: int = 0, directory: str | None = None) -> None:
         finally:
             os.close(fd)
             os.unlink(path)
-
-
-def filesystem_of(path: str) -> str:
-    """The mount point and type of the filesystem holding ``path`` (Linux), or ``?``."""
-    real = os.path.realpath(path)
-    best = ("", "?")
-    try:
-        with open("/proc/self/mounts") as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) < 3:
-                    continue
-                mnt = parts[1].replace("\\040", " ")
-                inside = real == mnt or real.startswith(mnt.rstrip("/") + "/")
-                if inside and len(mnt) >= len(best[0]):
-                    best = (mnt, parts[2])
-    except OSError:
-        pass
-    return f"{best[1]} mounted on {best[0] or '?'}"
 
 
 async def push(size: int) -> tuple[Any, str, str, int]:

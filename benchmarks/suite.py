@@ -71,6 +71,7 @@ from typing import Any
 import anyio
 
 from benchmarks import images
+from benchmarks.common import filesystem_of
 from benchmarks.worker import GO, READY
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -240,25 +241,6 @@ def loadavg() -> str:
             return " ".join(f.read().split()[:3])
     except OSError:
         return "?"
-
-
-def filesystem_of(path: str) -> str:
-    real = os.path.realpath(path)
-    best = ("", "?")
-    try:
-        with open("/proc/self/mounts") as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) < 3:
-                    continue
-                mnt = parts[1].replace("\\040", " ")
-                if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(
-                    best[0]
-                ):
-                    best = (mnt, parts[2])
-    except OSError:
-        pass
-    return f"{best[1]} on {best[0] or '?'}"
 
 
 Sample = dict[str, Any]  # "seconds", and "cpu_s" / "peak_rss_mib" when known; extras
