@@ -385,17 +385,16 @@ class FilesystemCache:
 
     async def _lookup(self, h: Hash) -> _Meta | None:
         entry = self._entry(h)
+        # Fast paths, one stat and no thread hop: a miss, or an entry proven in this process.
+        try:
+            st = os.stat(entry)
+        except FileNotFoundError:
+            _PROOFS.pop(entry, None)
+            return None
         m = _PROOFS.get(entry)
-        if m is not None:
-            # Fast path: one stat, no thread hop, for entries proven in this process.
-            try:
-                st = os.stat(entry)
-            except FileNotFoundError:
-                _PROOFS.pop(entry, None)
-                return None
-            if m.proves(st):
-                self._note_use(entry)
-                return m
+        if m is not None and m.proves(st):
+            self._note_use(entry)
+            return m
         result: _Meta | None = await anyio.to_thread.run_sync(self._lookup_sync, h)
         if result is not None:
             self._note_use(entry)
