@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from aiolayercache import Hash, cache, random
+from aiolayercache import Hash, LayerNotFoundError, cache, random
 from aiolayercache._atomic import AtomicFile
 from aiolayercache.cache import FilesystemCache
 from aiolayercache.streams import drain
@@ -100,7 +100,8 @@ async def test_stale_temps_are_swept_at_first_use_and_by_sweep(tmp_path: Path) -
     stale = tmp / ".abc.1234.tmp"
     stale.write_bytes(b"x")
     fs = FilesystemCache(tmp_path)
-    await fs.entries()  # first use
+    with pytest.raises(LayerNotFoundError):
+        await fs.get(Hash.of(b"absent"))  # first use
     assert not stale.exists()
     stale.write_bytes(b"y")
     assert await fs.sweep() == 1

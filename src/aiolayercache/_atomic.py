@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
+import stat
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -12,6 +14,7 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
+from ._hash import Hash
 from ._lane import Lane
 
 try:
@@ -22,10 +25,12 @@ except ImportError:  # pragma: no cover - Windows
 __all__ = ["AtomicFile", "fsync_dir", "sweep_temps"]
 
 SYNC_EVERY = 32 * 1024 * 1024
+_HASH_STEP = 4 * 1024 * 1024
 HEAD_BYTES = 512  # what is kept of a file's start: enough to tell gzip, zstd and tar apart
 _fdatasync = getattr(os, "fdatasync", os.fsync)
 _fadvise = getattr(os, "posix_fadvise", None)
 _DONTNEED = getattr(os, "POSIX_FADV_DONTNEED", 4)
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
 
 
 def fsync_dir(path: str) -> None:
@@ -36,26 +41,37 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def sweep_temps(directory: str) -> list[str]:
+# The names AtomicFile gives its temp files: ".<tag>.<16 hex>.tmp".
+_TEMP_NAME = re.compile(r"\.[0-9A-Za-z_-]{1,64}\.[0-9a-f]{16}\.tmp")
+
+
+def sweep_temps(directory: str, *, ours_only: bool = False) -> list[str]:
     """Remove temp files in ``directory`` whose writer is gone (their lock is free).
 
     Never guesses by age: a live writer holds an exclusive ``flock`` on its
-    temp file until it commits or discards it. Returns the removed names.
+    temp file until it commits or discards it. With ``ours_only`` only names
+    that :class:`AtomicFile` gives are touched (in a directory we share with
+    others, such as a layout). Symlinks are never followed. Returns the
+    removed names.
     """
     removed: list[str] = []
     try:
         names = os.listdir(directory)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return removed
     for name in names:
         if not name.endswith(".tmp"):
             continue
+        if ours_only and not _TEMP_NAME.fullmatch(name):
+            continue
         path = os.path.join(directory, name)
         try:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            fd = os.open(path, os.O_RDONLY | _NOFOLLOW)
         except OSError:
             continue
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                continue
             if fcntl is not None:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -112,7 +128,8 @@ class AtomicFile:
         return os.path.join(self._tmp_dir, f".{self._tag}.{secrets.token_hex(8)}.tmp")
 
     def _open_sync(self) -> int:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+        # Read and write: a kernel copy is read back and hashed before it is trusted.
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
         for _ in range(5):
             fd = os.open(self.tmp, flags, 0o644)
             if fcntl is None:
@@ -165,8 +182,9 @@ class AtomicFile:
         self.size += len(chunk)
         await self._lane.submit(self._write_sync, chunk)
 
-    def _copy_sync(self, src: int, size: int) -> None:
+    def _copy_sync(self, src: int, size: int, expected: Hash) -> Hash:
         dst = self._fd_box[0]
+        hasher = expected.hasher()
         done = 0
         copy_range = getattr(os, "copy_file_range", None)
         step = 16 * 1024 * 1024
@@ -178,8 +196,17 @@ class AtomicFile:
                 except OSError:
                     copy_range = None  # not on this filesystem pair: copy by hand
                     continue
+                # Hash the bytes that landed, read back from the copy, not the source.
+                pos = done
+                while pos < done + n:
+                    data = os.pread(dst, min(done + n - pos, _HASH_STEP), pos)
+                    if not data:
+                        raise OSError(f"the copy ended after {pos} of {size} bytes")
+                    hasher.update(data)
+                    pos += len(data)
             else:
-                data = os.pread(src, min(size - done, 4 * 1024 * 1024), done)
+                data = os.pread(src, min(size - done, _HASH_STEP), done)
+                hasher.update(data)
                 view = memoryview(data)
                 while view:
                     view = view[os.write(dst, view) :]
@@ -191,14 +218,22 @@ class AtomicFile:
                 _fadvise(dst, done, n, _DONTNEED)
             done += n
         self.size += size
+        return Hash(expected.algorithm, hasher.hexdigest())
 
-    async def copy_from(self, src_fd: int, size: int) -> None:
-        """Copy ``size`` bytes of open file ``src_fd`` in the kernel (``copy_file_range``)."""
+    async def copy_from(self, src_fd: int, size: int, expected: Hash) -> Hash:
+        """Copy ``size`` bytes of open file ``src_fd`` in the kernel (``copy_file_range``).
+
+        Returns the hash (in ``expected``'s algorithm) of the bytes that landed
+        in the temp file, read back from it beside the loop: the caller compares
+        it with ``expected`` before commit, so a
+        source that changed since it was proven is never trusted.
+        """
         assert self._lane is not None, "copy after commit or discard"
         await self._lane.join()
         if not self.head:
             self.head = os.pread(src_fd, HEAD_BYTES, 0)
-        await anyio.to_thread.run_sync(self._copy_sync, src_fd, size)
+        got: Hash = await anyio.to_thread.run_sync(self._copy_sync, src_fd, size, expected)
+        return got
 
     def _finish_sync(self) -> None:
         fd = self._fd_box[0]

@@ -6,21 +6,23 @@ Imports are lazy: ``aiolayercache --help`` loads argparse and little else.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
-if TYPE_CHECKING:
-    from anyio.abc import ByteReceiveStream
+from anyio.abc import ByteReceiveStream
 
+from ._attrs import StreamAttribute
+from ._wrap import LayerWrapper
+
+if TYPE_CHECKING:
     from . import Hash, Image, ImageIndex, Layer
     from .cache import FilesystemCache
-
-from ._wrap import LayerWrapper
 
 __all__ = ["main"]
 
@@ -303,20 +305,30 @@ class Reporter:
         )
 
 
-class _CountingStream:
-    """Passes a layer stream through, telling the reporter how many bytes went by."""
+class _CountingStream(ByteReceiveStream):
+    """Passes a layer stream through, telling the reporter how many bytes went by.
 
-    def __init__(
-        self, inner: ByteReceiveStream, rep: Reporter, digest: str, size: int, cached: bool
-    ) -> None:
+    The bytes are unchanged, so it declares what its inner stream declares; a
+    proven file copied by descriptor is counted through its ``consumed`` hook.
+    """
+
+    def __init__(self, inner: ByteReceiveStream, rep: Reporter, digest: str, size: int) -> None:
         self._inner = inner
         self._rep = rep
         self._digest = digest
         self._size = size
-        self._cached = cached
+        self._cached = inner.extra(StreamAttribute.from_cache, False)
         self._seen = 0
-        self.proven_fd = getattr(inner, "proven_fd", None)
-        self.verifies = getattr(inner, "verifies", None)  # bytes pass through unchanged
+        self._attrs: dict[Any, Callable[[], Any]] = dict(inner.extra_attributes)
+        proven = inner.extra(StreamAttribute.proven_file, None)
+        if proven is not None:
+            counted = dataclasses.replace(proven, consumed=self._consumed)
+            self._attrs[StreamAttribute.proven_file] = lambda: counted
+        rep.layer_started(digest, size, self._cached)
+
+    @property
+    def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
+        return self._attrs
 
     async def receive(self, max_bytes: int = 1 << 20) -> bytes:
         data = await self._inner.receive(max_bytes)
@@ -324,8 +336,7 @@ class _CountingStream:
         self._rep.advance(self._digest, len(data), self._cached)
         return data
 
-    def mark_consumed(self, n: int) -> None:
-        """A consumer copied ``n`` bytes without reading them (a kernel copy)."""
+    def _consumed(self, n: int) -> None:
         self._seen += n
         self._rep.advance(self._digest, n, self._cached)
 
@@ -334,46 +345,19 @@ class _CountingStream:
         if self._seen >= self._size:
             self._rep.layer_done(self._digest, self._size, self._cached)
 
-    async def __aenter__(self) -> _CountingStream:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
-
-    def __aiter__(self) -> _CountingStream:
-        return self
-
-    async def __anext__(self) -> bytes:
-        import anyio
-
-        try:
-            return await self.receive()
-        except anyio.EndOfStream:
-            raise StopAsyncIteration from None
-
 
 class _ObservedLayer(LayerWrapper):
-    def __init__(self, inner: Layer, rep: Reporter, fs: FilesystemCache | None) -> None:
+    def __init__(self, inner: Layer, rep: Reporter) -> None:
         super().__init__(inner)
         self._rep = rep
-        self._fs = fs
 
     async def compressed(self) -> ByteReceiveStream:
-        from .cache import LayerNotFoundError
-
         digest = await self._inner.digest()
         size = await self._inner.size()
-        cached = False
-        if self._fs is not None:
-            try:
-                await self._fs.get(digest)
-                cached = True
-            except LayerNotFoundError:
-                pass
-        self._rep.layer_started(str(digest), size, cached)
+        # Cached or fetched is known once the stream is open (another process may have
+        # filled the entry while this one waited for it).
         inner = await self._inner.compressed()
-        counting = _CountingStream(inner, self._rep, str(digest), size, cached)
-        return cast("ByteReceiveStream", counting)
+        return _CountingStream(inner, self._rep, str(digest), size)
 
 
 class _ObservedImage:
@@ -386,10 +370,10 @@ class _ObservedImage:
         return getattr(self._inner, name)
 
     async def layers(self) -> list[Layer]:
-        return [_ObservedLayer(x, self._rep, self._fs) for x in await self._inner.layers()]
+        return [_ObservedLayer(x, self._rep) for x in await self._inner.layers()]
 
     async def layer_by_digest(self, h: Hash) -> Layer:
-        return _ObservedLayer(await self._inner.layer_by_digest(h), self._rep, self._fs)
+        return _ObservedLayer(await self._inner.layer_by_digest(h), self._rep)
 
 
 class _ObservedIndex:

@@ -11,7 +11,9 @@ never leaves an index that points at a missing or partial blob.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -21,7 +23,7 @@ import anyio.to_thread
 from anyio.abc import ByteReceiveStream
 
 from . import partial
-from ._atomic import AtomicFile, fsync_dir
+from ._atomic import AtomicFile, fsync_dir, sweep_temps
 from ._errors import AioLayerCacheError, DigestMismatchError, ManifestError, first_error
 from ._hash import Hash
 from ._protocols import Image, ImageIndex
@@ -32,12 +34,13 @@ from ._types import (
     MediaType,
     is_index_type,
 )
-from .streams import BytesStream, FileStream, VerifyingStream, read_all
+from .streams import BytesStream, FileStream, StreamAttribute, VerifyingStream, read_all
 
 __all__ = ["REF_NAME", "LayoutError", "image", "index", "write", "write_all"]
 
 REF_NAME = "org.opencontainers.image.ref.name"
 _LAYOUT_FILE = b'{"imageLayoutVersion":"1.0.0"}'
+log = logging.getLogger("aiolayercache.layout")
 _CHUNK = 1024 * 1024
 
 
@@ -187,8 +190,10 @@ class _Writer:
             st = os.lstat(path)
         except FileNotFoundError:
             return False
-        if not os.path.isfile(path) or os.path.islink(path) or st.st_size != size:
-            os.unlink(path)
+        if stat.S_ISDIR(st.st_mode):
+            raise LayoutError(f"{path}: a directory where blob {h} belongs")
+        if not stat.S_ISREG(st.st_mode) or st.st_size != size:
+            os.unlink(path)  # a symlink, a FIFO or a short file: never read, replaced
             return False
         if _proof_holds(path, h, st):
             return True
@@ -211,37 +216,51 @@ class _Writer:
             if await anyio.to_thread.run_sync(self._verified, h, desc.size):
                 self.reused += 1
                 return
-            blob_dir = os.path.dirname(_blob_path(self.root, h))
-            out = AtomicFile(
-                _blob_path(self.root, h),
-                blob_dir,
-                durable=self.durable,
-                tag=h.hex[:16],
-                sync_dir=False,  # one fsync of the directory before index.json, for all
-            )
-            self.dirs.add(blob_dir)
-            await out.open()
             try:
-                raw = await open_()
-                fd = getattr(raw, "proven_fd", None)
-                if fd is not None:
-                    # A cache entry whose proof holds: the kernel copies it, unhashed again.
-                    async with raw:
-                        await out.copy_from(fd, desc.size)
-                        mark = getattr(raw, "mark_consumed", None)
-                        if mark is not None:
-                            mark(desc.size)
-                else:
-                    stream = VerifyingStream(raw, h, desc.size, what=f"blob {h}")
-                    async with stream:
-                        async for chunk in stream:
-                            await out.write(chunk)
-                await out.commit()
-            except BaseException:
-                await out.discard()
-                raise
-            await anyio.to_thread.run_sync(_record_proof, out.final, h)
+                await self._put(desc, open_)
+            except DigestMismatchError as exc:
+                # A source that was proven once and rotted since (a cache entry) has
+                # condemned itself: open it again, which fetches the bytes anew.
+                log.warning("layout %s: %s; reading %s once more", self.root, exc, h)
+                await self._put(desc, open_)
             self.written += 1
+
+    async def _put(self, desc: Descriptor, open_: partial.Opener) -> None:
+        """Write one blob: a temp file, verified in full, then renamed; a proof last."""
+        h = desc.digest
+        blob_dir = os.path.dirname(_blob_path(self.root, h))
+        out = AtomicFile(
+            _blob_path(self.root, h),
+            blob_dir,
+            durable=self.durable,
+            tag=h.hex[:16],
+            sync_dir=False,  # one fsync of the directory before index.json, for all
+        )
+        self.dirs.add(blob_dir)
+        await out.open()
+        try:
+            raw = await open_()
+            proven = raw.extra(StreamAttribute.proven_file, None)
+            if proven is not None and proven.digest == h and proven.size == desc.size:
+                # A proven cache entry: the kernel copies it, and what lands is hashed
+                # before the rename, so a file that rotted since its proof never passes.
+                async with raw:
+                    landed = await out.copy_from(proven.fd, desc.size, h)
+                    if landed != h:
+                        await proven.condemn()
+                        raise DigestMismatchError(f"cache copy of blob {h}", h, landed)
+                    proven.consumed(desc.size)
+            else:
+                stream = VerifyingStream(raw, h, desc.size, what=f"blob {h}")
+                async with stream:
+                    async for chunk in stream:
+                        await out.write(chunk)
+            await out.commit()
+        except BaseException:
+            await out.discard()
+            raise
+        # Only bytes hashed on their way in earn a proof.
+        await anyio.to_thread.run_sync(_record_proof, out.final, h)
 
     async def data(self, desc: Descriptor, raw: bytes) -> None:
         actual = Hash.of(raw, desc.digest.algorithm)
@@ -288,6 +307,15 @@ def _prepare(root: str) -> bytes | None:
     _inside(root, str(p / "blobs"))
     _inside(root, str(p / "blobs" / "sha256"))
     (p / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
+    # Temp files of writers that were killed (their lock is free) go now; only names
+    # our writers give are touched, and only in the directories they write to.
+    swept = sweep_temps(root, ours_only=True)
+    for alg in ("sha256", "sha512"):
+        d = p / "blobs" / alg
+        if d.is_dir() and not d.is_symlink():
+            swept += sweep_temps(_inside(root, str(d)), ours_only=True)
+    if swept:
+        log.info("layout %s: removed %d temp files of an interrupted write", root, len(swept))
     layout_file = p / "oci-layout"
     if not layout_file.exists():
         tmp = p / ".oci-layout.tmp"
@@ -380,7 +408,9 @@ async def write_all(
         # The blobs' names are on disk before index.json can point at them.
         for d in sorted(w.dirs):
             await anyio.to_thread.run_sync(fsync_dir, d)
-    out = AtomicFile(os.path.join(root, "index.json"), root, durable=durability == "full")
+    out = AtomicFile(
+        os.path.join(root, "index.json"), root, durable=durability == "full", tag="index"
+    )
     await out.open()
     try:
         await out.write(doc.to_json())

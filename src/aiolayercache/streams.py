@@ -10,10 +10,12 @@ chunk.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import stat
 import zlib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import aiofiles
@@ -23,6 +25,7 @@ import zstandard
 from anyio import BrokenResourceError, ClosedResourceError, EndOfStream
 from anyio.abc import ByteReceiveStream
 
+from ._attrs import ProvenFile, StreamAttribute
 from ._errors import DecompressionError, DigestMismatchError, SizeMismatchError
 from ._hash import Hash
 from ._lane import Lane
@@ -34,8 +37,11 @@ __all__ = [
     "FileStream",
     "GunzipStream",
     "GzipStream",
+    "NotARegularFileError",
     "PrefixedStream",
+    "ProvenFile",
     "Sink",
+    "StreamAttribute",
     "VerifyingStream",
     "ZstdDecompressStream",
     "decompress",
@@ -154,9 +160,19 @@ class FileStream(ChunkStream):
         self._chunk = chunk_size
 
     @classmethod
-    async def open(cls, path: str | os.PathLike[str], chunk_size: int = CHUNK_SIZE) -> FileStream:
-        f = await aiofiles.open(path, "rb", buffering=0)
-        return cls(f, os.fspath(path), chunk_size)
+    async def open(
+        cls, path: str | os.PathLike[str], chunk_size: int = CHUNK_SIZE, *, regular: bool = False
+    ) -> FileStream:
+        """Open ``path`` for reading. With ``regular``, only a regular file that is not a
+        symlink opens (never blocking on a FIFO): anything else is :class:`NotARegularFileError`."""
+        if not regular:
+            return cls(await aiofiles.open(path, "rb", buffering=0), os.fspath(path), chunk_size)
+        f = await aiofiles.open(path, "rb", buffering=0, opener=_regular_opener)
+        out = cls(f, os.fspath(path), chunk_size)
+        if not stat.S_ISREG(os.fstat(out.fileno()).st_mode):
+            await out.aclose()
+            raise NotARegularFileError(errno.EINVAL, "not a regular file", os.fspath(path))
+        return out
 
     async def _next(self) -> bytes | None:
         try:
@@ -171,6 +187,19 @@ class FileStream(ChunkStream):
 
     async def _aclose(self) -> None:
         await self._file.close()
+
+
+class NotARegularFileError(OSError):
+    """Raised by ``FileStream.open(..., regular=True)`` for a directory, FIFO, device or socket."""
+
+
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+
+
+def _regular_opener(path: str, flags: int) -> int:
+    # O_NOFOLLOW: a symlink fails (ELOOP) instead of leading elsewhere; O_NONBLOCK: a FIFO
+    # opens at once (and is then refused) instead of waiting for a writer forever.
+    return os.open(path, flags | _NOFOLLOW)
 
 
 class Sink(Protocol):
@@ -213,6 +242,8 @@ class VerifyingStream(ChunkStream):
         what: str | None = None,
         sinks: Sequence[Sink] = (),
         on_mismatch: Callable[[], Awaitable[None]] | None = None,
+        proven_fd: int | None = None,
+        from_cache: bool | None = None,
     ) -> None:
         super().__init__()
         self._inner = inner
@@ -223,24 +254,43 @@ class VerifyingStream(ChunkStream):
         self._on_mismatch = on_mismatch
         self._hasher = expected.hasher()
         self._lane: Lane | None = None
-        # What this stream guarantees at its end; wrappers that pass bytes through unchanged
-        # may forward it, so that a VerifyingStream around them trusts it too.
+        # What this stream guarantees at its end (StreamAttribute.verifies). A stream
+        # under it that guarantees the same is trusted: its bytes are not hashed twice.
         self.verifies: tuple[Hash, int | None] = (expected, size)
-        inner_verifies = getattr(inner, "verifies", None)
+        inner_verifies = inner.extra(StreamAttribute.verifies, None)
         self._trust_inner = (
-            isinstance(inner_verifies, tuple)
+            inner_verifies is not None
             and inner_verifies[0] == expected
             and (size is None or inner_verifies[1] in (None, size))
         )
         self.received = 0
-        # Set by a cache on a stream of an entry whose proof of verification holds:
-        # the open file, whose ``expected_size`` bytes a consumer may copy as they are.
-        self.proven_fd: int | None = None
+        # The bytes pass through unchanged: what the inner stream declares holds here too,
+        # except a proven file when this stream tees into sinks (a copy would skip them).
+        self._attrs: dict[Any, Callable[[], Any]] = dict(inner.extra_attributes)
+        if sinks:
+            self._attrs.pop(StreamAttribute.proven_file, None)
+        self._attrs[StreamAttribute.verifies] = lambda: self.verifies
+        if from_cache is not None:
+            self._attrs[StreamAttribute.from_cache] = lambda: from_cache
+        if proven_fd is not None and size is not None:
+            # A cache entry whose proof holds: a consumer may copy the open file whole,
+            # hashing what lands; a mismatch condemns the entry as a mismatch here would.
+            proven = ProvenFile(proven_fd, expected, size, self._condemn)
+            self._attrs[StreamAttribute.proven_file] = lambda: proven
         self._ahead: bytes | None = None
         self._started = False
         self._ended = False
         self._failed = False
         self._settled = False  # sinks committed or aborted
+
+    @property
+    def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
+        return self._attrs
+
+    async def _condemn(self) -> None:
+        if self._on_mismatch is not None:
+            with anyio.CancelScope(shield=True):
+                await self._on_mismatch()
 
     async def _recv(self) -> bytes | None:
         try:
@@ -309,9 +359,8 @@ class VerifyingStream(ChunkStream):
             self._failed = True
             self._ahead = None
             await self._abort()
-            if isinstance(exc, DigestMismatchError) and self._on_mismatch is not None:
-                with anyio.CancelScope(shield=True):
-                    await self._on_mismatch()
+            if isinstance(exc, DigestMismatchError):
+                await self._condemn()
             raise
 
     async def _aclose(self) -> None:

@@ -290,7 +290,7 @@ KID = textwrap.dedent(
             return found
 
         fs = FilesystemCache(cache_dir)
-        anyio.run(fs.entries)  # creates the cache's directories
+        anyio.run(fs.sweep)  # creates the cache's directories (entries() only reads)
         base = used()
         code = main(["pull", ref, out, "--cache-dir", cache_dir, "--quiet"])
         after_pull, files_after_pull = used(), files()
@@ -516,7 +516,7 @@ async def test_sigkill_mid_pull_leaves_only_verified_entries(
     layers = layer_descs(published.big)
     d = tmp_path / "cache"
     fs = FilesystemCache(d)
-    await fs.entries()  # create the directories
+    await fs.sweep()  # create the directories (entries() only reads)
     live = AtomicFile(str(d / "live-writer"), str(d / ".aiolayercache" / "tmp"), durable=False)
     await live.open()
     rng = Random(20240601)
@@ -1006,7 +1006,7 @@ async def test_a_sweep_between_create_and_lock_does_not_take_a_live_temp(
     fill then lost its entry ("not caching ...: No such file or directory" at the rename).
     Here the sweep runs exactly in that window: the writer must notice and take a new name."""
     fs = FilesystemCache(tmp_path)
-    await fs.entries()
+    await fs.sweep()  # sets the cache up (entries() only reads)
     tmp_dir = str(tmp_path / ".aiolayercache" / "tmp")
     real = fcntl.flock
     swept: list[str] = []

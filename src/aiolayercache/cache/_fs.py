@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import stat
 import time
 import weakref
@@ -46,12 +47,19 @@ from .._types import MediaType
 from .._wrap import LayerWrapper
 from ..streams import CHUNK_SIZE, GZIP_MAGIC, ZSTD_MAGIC, FileStream, VerifyingStream
 
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+
 __all__ = ["EntryInfo", "FilesystemCache", "VerifyReport"]
 
 log = logging.getLogger("aiolayercache.cache")
 
 Durability = Literal["full", "fast"]
 _STATE_DIR = ".aiolayercache"
+# Our state directories, parents first; each must be a real directory inside the cache.
+_STATE_DIRS = (
+    _STATE_DIR,
+    *(os.path.join(_STATE_DIR, d) for d in ("tmp", "meta", "locks", "corrupt")),
+)
 
 
 def _kind_of(head: bytes) -> str:
@@ -233,16 +241,27 @@ class FilesystemCache:
     The directory is created, and checked, at first use.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, durability: Durability = "full") -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        durability: Durability = "full",
+        stalled_fill_timeout: float = 60.0,
+    ) -> None:
         if durability not in ("full", "fast"):
             raise ValueError(f"durability must be 'full' or 'fast', not {durability!r}")
         self.path = Path(path)
         self.durability: Durability = durability
+        # How long to wait on another process's fill of an entry that makes no progress
+        # (its temp file does not grow) before fetching the entry here.
+        self.stalled_fill_timeout = stalled_fill_timeout
         self.write_errors = 0
         self._root = ""
         self._tmpdir = ""
         self._metadir = ""
         self._lockdir = ""
+        self._asidedir = ""
+        self._warned: set[str] = set()
 
     def __repr__(self) -> str:
         return f"FilesystemCache({os.fspath(self.path)!r})"
@@ -251,32 +270,71 @@ class FilesystemCache:
 
     async def _ensure(self) -> int:
         """Set up at first use; returns how many stale temp files that swept (else 0)."""
-        if not self._root:
+        if not self._tmpdir:
             return await anyio.to_thread.run_sync(self._setup)
         return 0
+
+    async def _peek(self) -> bool:
+        """For read-only use: find the cache without creating anything; False if absent."""
+        if self._root:
+            return True
+        return await anyio.to_thread.run_sync(self._peek_sync)
+
+    def _peek_sync(self) -> bool:
+        p = self.path
+        if not p.exists():
+            return False
+        if not p.is_dir():
+            raise CacheDirectoryError(f"cache path {p} exists and is not a directory")
+        root = os.path.realpath(p)
+        for d in _STATE_DIRS:
+            with contextlib.suppress(FileNotFoundError):
+                self._check_state_dir(os.path.join(root, d))
+        self._set_paths(root)
+        return True
+
+    def _check_state_dir(self, d: str) -> None:
+        st = os.lstat(d)
+        if not stat.S_ISDIR(st.st_mode):
+            raise CacheDirectoryError(
+                f"{d} is not a directory (a symlink or a file): the cache's own state must "
+                f"live inside {self.path}; refusing to use it"
+            )
+
+    def _set_paths(self, root: str) -> None:
+        self._metadir = os.path.join(root, _STATE_DIR, "meta")
+        self._lockdir = os.path.join(root, _STATE_DIR, "locks")
+        self._asidedir = os.path.join(root, _STATE_DIR, "corrupt")
+        self._root = root
 
     def _setup(self) -> int:
         p = self.path
         if p.exists() and not p.is_dir():
             raise CacheDirectoryError(f"cache path {p} exists and is not a directory")
         try:
-            (p / _STATE_DIR / "tmp").mkdir(parents=True, exist_ok=True)
-            (p / _STATE_DIR / "meta").mkdir(exist_ok=True)
+            p.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise CacheDirectoryError(
                 f"cache path {p} cannot be used: {exc.strerror or exc}"
             ) from exc
         root = os.path.realpath(p)
+        for d in _STATE_DIRS:
+            path = os.path.join(root, d)
+            try:
+                os.mkdir(path)
+            except FileExistsError:
+                pass
+            except OSError as exc:
+                raise CacheDirectoryError(
+                    f"cache path {p} cannot be used: {path}: {exc.strerror or exc}"
+                ) from exc
+            # Never through a symlink: nothing is read, written or removed outside the cache.
+            self._check_state_dir(path)
+        tmpdir = os.path.join(root, _STATE_DIR, "tmp")
         # Temp files of writers that died (their lock is free) go now.
-        swept = len(sweep_temps(os.path.join(root, _STATE_DIR, "tmp")))
-        self._tmpdir = os.path.join(root, _STATE_DIR, "tmp")
-        self._lockdir = os.path.join(root, _STATE_DIR, "locks")
-        try:
-            os.makedirs(self._lockdir, exist_ok=True)
-        except OSError as exc:
-            raise CacheDirectoryError(f"cache path {p} cannot be used: {exc}") from exc
-        self._metadir = os.path.join(root, _STATE_DIR, "meta")
-        self._root = root
+        swept = len(sweep_temps(tmpdir))
+        self._set_paths(root)
+        self._tmpdir = tmpdir
         return swept
 
     def _entry(self, h: Hash) -> str:
@@ -321,14 +379,26 @@ class FilesystemCache:
         except OSError:
             pass
 
+    def _forget_proof(self, entry: str) -> None:
+        """Void the proof of ``entry`` but keep what we know of it (digest, diff_id)."""
+        _PROOFS.pop(entry, None)
+        m = self._load_meta(entry)
+        if m is not None:
+            self._save_meta(entry, replace(m, ino=-1))
+
     def _lookup_sync(self, h: Hash) -> _Meta | None:
-        """The proven meta of entry ``h``; hash an unproven file first; None if absent or bad."""
+        """The proven meta of entry ``h``; hash an unproven file first; None if absent or bad.
+
+        Only a regular file is an entry: anything else there (a directory, a FIFO, a
+        symlink) is set aside, and an entry that cannot be read is a miss (one warning).
+        """
         entry = self._entry(h)
         try:
-            st = os.stat(entry)
+            st = os.lstat(entry)
         except (FileNotFoundError, NotADirectoryError):
             return None
         if not stat.S_ISREG(st.st_mode):
+            self._set_aside(entry, st)
             return None
         m = self._load_meta(entry)
         if m is not None and m.proves(st):
@@ -336,18 +406,62 @@ class FilesystemCache:
             return m
         return self._verify_sync(h, entry, m)
 
+    def _unusable(self, entry: str, exc: OSError) -> None:
+        """An entry we cannot read is a miss: say so once, and forget its proof."""
+        self._forget_proof(entry)
+        if entry not in self._warned:
+            self._warned.add(entry)
+            log.warning(
+                "cache %s: cannot read entry %s (%s); fetching it again",
+                self.path,
+                os.path.basename(entry),
+                exc.strerror or exc,
+            )
+
+    def _set_aside(self, entry: str, st: os.stat_result) -> None:
+        """Move something that is not a regular file out of an entry's name."""
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+        name = os.path.basename(entry)
+        self._forget(entry)
+        aside = os.path.join(self._asidedir, f"{name}.{secrets.token_hex(4)}")
+        try:
+            os.rename(entry, aside)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            why = exc.strerror or exc
+            log.warning("cache %s: entry %s is %s; cannot move it: %s", self.path, name, kind, why)
+            return
+        log.warning(
+            "cache %s: entry %s was %s; moved to %s (`cache verify` removes it)",
+            self.path,
+            name,
+            kind,
+            aside,
+        )
+
     def _verify_sync(self, h: Hash, entry: str, old: _Meta | None) -> _Meta | None:
         hasher = h.hasher()
         head = b""
         try:
-            with open(entry, "rb", buffering=0) as f:
+            fd = os.open(entry, os.O_RDONLY | _NOFOLLOW)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            self._unusable(entry, exc)
+            return None
+        try:
+            with open(fd, "rb", buffering=0) as f:
                 before = os.fstat(f.fileno())
+                if not stat.S_ISREG(before.st_mode):
+                    return None  # replaced by something else since the lstat
                 while chunk := f.read(CHUNK_SIZE):
                     if not head:
                         head = chunk[:512]
                     hasher.update(chunk)
                 after = os.fstat(f.fileno())
-        except FileNotFoundError:
+        except OSError as exc:
+            self._unusable(entry, exc)
             return None
         if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns):
             return None  # being written by someone else right now: not proven
@@ -387,7 +501,7 @@ class FilesystemCache:
         entry = self._entry(h)
         # Fast paths, one stat and no thread hop: a miss, or an entry proven in this process.
         try:
-            st = os.stat(entry)
+            st = os.lstat(entry)
         except FileNotFoundError:
             _PROOFS.pop(entry, None)
             return None
@@ -412,12 +526,17 @@ class FilesystemCache:
     # --- upkeep ------------------------------------------------------------------
 
     async def entries(self) -> list[EntryInfo]:
-        """Every committed entry with its size, kind and last use (newest first)."""
-        await self._ensure()
+        """Every committed entry with its size, kind and last use (newest first).
+
+        Reads only: a cache directory that does not exist is empty, and is not made.
+        """
+        if not await self._peek():
+            return []
         return await anyio.to_thread.run_sync(self._entries_sync)
 
-    def _entries_sync(self) -> list[EntryInfo]:
-        out: list[EntryInfo] = []
+    def _scan(self) -> list[tuple[Hash, str, os.stat_result]]:
+        """Every name in the cache that is an entry's name, with its ``lstat``."""
+        out: list[tuple[Hash, str, os.stat_result]] = []
         for name in os.listdir(self._root):
             alg, sep, hex_ = name.partition("-" if os.name == "nt" else ":")
             try:
@@ -428,23 +547,37 @@ class FilesystemCache:
                 continue
             entry = os.path.join(self._root, name)
             try:
-                st = os.stat(entry)
+                out.append((h, entry, os.lstat(entry)))
             except FileNotFoundError:
                 continue
+        return out
+
+    def _entries_sync(self) -> list[EntryInfo]:
+        out: list[EntryInfo] = []
+        for h, entry, st in self._scan():
             if not stat.S_ISREG(st.st_mode):
-                continue
+                continue  # not an entry; `verify` moves it away
             m = self._load_meta(entry)
             try:
                 used = os.stat(self._meta_path(entry)).st_mtime
             except OSError:
                 used = st.st_mtime
-            kind = m.kind if m is not None and m.proves(st) else "unverified"
+            if not os.access(entry, os.R_OK):
+                kind = "unreadable"
+            elif m is not None and m.proves(st):
+                kind = m.kind
+            else:
+                kind = "unverified"
             out.append(EntryInfo(h, st.st_size, max(used, st.st_mtime), kind))
         out.sort(key=lambda e: e.last_used, reverse=True)
         return out
 
     async def verify(self) -> VerifyReport:
-        """Hash every entry again (proofs ignored); remove bad ones and stale temp files."""
+        """Hash every entry again (proofs ignored); remove bad ones and stale temp files.
+
+        Removed too: entries that cannot be read, and whatever sits at an entry's
+        name without being a regular file (a directory, a FIFO, a symlink).
+        """
         swept = await self._ensure()  # a first use sweeps: count those too
         report = await anyio.to_thread.run_sync(self._verify_all_sync)
         report.temps_removed += swept
@@ -452,17 +585,36 @@ class FilesystemCache:
 
     def _verify_all_sync(self) -> VerifyReport:
         report = VerifyReport()
-        for e in self._entries_sync():
-            entry = self._entry(e.digest)
+        for h, entry, st in self._scan():
+            if not stat.S_ISREG(st.st_mode):
+                self._set_aside(entry, st)
+                report.removed.append(h)
+                continue
             _PROOFS.pop(entry, None)
             with contextlib.suppress(OSError):
                 os.unlink(self._meta_path(entry))
-            if self._verify_sync(e.digest, entry, None) is None:
-                report.removed.append(e.digest)
-            else:
+            if self._verify_sync(h, entry, None) is not None:
                 report.ok += 1
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry)  # unreadable: of no use to anyone here
+            self._forget(entry)
+            report.removed.append(h)
+        self._empty_aside()
         report.temps_removed = len(sweep_temps(self._tmpdir))
         return report
+
+    def _empty_aside(self) -> None:
+        """Remove what was set aside (never following a symlink out of the cache)."""
+        for name in os.listdir(self._asidedir):
+            path = os.path.join(self._asidedir, name)
+            try:
+                if stat.S_ISDIR(os.lstat(path).st_mode):
+                    shutil.rmtree(path)
+                else:
+                    os.unlink(path)
+            except OSError as exc:
+                log.warning("cache %s: cannot remove %s: %s", self.path, path, exc)
 
     async def sweep(self) -> int:
         """Remove temp files left by writers that died (lock-based); return how many."""
@@ -478,7 +630,8 @@ class FilesystemCache:
         Readers in other processes that hold an entry open finish reading it
         (POSIX keeps an unlinked file's bytes for open descriptors).
         """
-        await self._ensure()
+        if not await self._peek():
+            return []
         entries = await self.entries()
         now = time.time()
         removed: list[EntryInfo] = []
@@ -500,11 +653,12 @@ class FilesystemCache:
     # --- reading and filling -----------------------------------------------------
 
     async def _open_entry(self, h: Hash, meta: _Meta) -> ByteReceiveStream:
-        """A verified stream of entry ``h``; FileNotFoundError if it is gone."""
+        """A verified stream of entry ``h``; FileNotFoundError if it is gone, another
+        OSError if it cannot be read (then it is a miss: see :meth:`_unusable`)."""
         entry = self._entry(h)
-        fs = await FileStream.open(entry)
+        fs = await FileStream.open(entry, regular=True)
         try:
-            st = os.fstat(fs._file.fileno())
+            st = os.fstat(fs.fileno())
         except BaseException:
             await fs.aclose()
             raise
@@ -513,13 +667,17 @@ class FilesystemCache:
             log.warning("cache %s: entry %s changed after it was verified; removed", self.path, h)
             await anyio.to_thread.run_sync(self._remove_if_same, entry, st)
 
-        stream = VerifyingStream(
-            fs, h, meta.size, what=f"cache entry {entry}", on_mismatch=on_mismatch
+        # While the proof holds, a consumer that copies whole files may copy this one by
+        # descriptor (StreamAttribute.proven_file); it hashes what lands all the same.
+        return VerifyingStream(
+            fs,
+            h,
+            meta.size,
+            what=f"cache entry {entry}",
+            on_mismatch=on_mismatch,
+            proven_fd=fs.fileno() if meta.proves(st) else None,
+            from_cache=True,
         )
-        if meta.proves(st):
-            # Consumers that copy whole files may trust the proof and let the kernel copy.
-            stream.proven_fd = fs.fileno()
-        return stream
 
     async def _fill(
         self,
@@ -532,7 +690,8 @@ class FilesystemCache:
 
         One filler per entry: tasks of this process wait on an in-process
         flight; other processes wait on the entry's lock file (``flock``),
-        then read what the filler committed, or take over if it failed.
+        then read what the filler committed, or take over if it failed (or
+        made no progress for ``stalled_fill_timeout`` seconds).
         """
         await self._ensure()
         entry = self._entry(h)
@@ -545,32 +704,36 @@ class FilesystemCache:
                     return await open_upstream()
                 await flight.event.wait()
                 continue
-            meta = await self._lookup(h)
-            if meta is not None:
-                try:
-                    return await self._open_entry(h, meta)
-                except FileNotFoundError:
-                    continue
-            # Sync on purpose: checked and claimed in one step of the event loop.
-            if key in _FLIGHTS or os.path.exists(entry):  # noqa: ASYNC240
+            stream = await self._open_committed(h)
+            if stream is not None:
+                return stream
+            # Checked and claimed in one step of the event loop.
+            if key in _FLIGHTS:
                 continue
             flight = _Flight(key)
             _FLIGHTS[key] = flight
+            lock_fd: int | None = None
             try:
                 lock_fd = await self._lock_entry(h)
+                # Another process may have committed the entry while we waited for its lock.
+                stream = await self._open_committed(h)
             except BaseException:
+                if lock_fd is not None:
+                    _unlock(lock_fd)
                 flight.release()
                 raise
-            if lock_fd is None:
-                # Another process committed the entry while we waited for its lock.
-                flight.release()
-                continue
-            break
+            if stream is None:
+                break
+            if lock_fd is not None:
+                _unlock(lock_fd)
+            flight.release()
+            return stream
         opening = _OPENING.set(_OPENING.get() | {key})
         try:
             upstream = await open_upstream()
         except BaseException:
-            _unlock(lock_fd)
+            if lock_fd is not None:
+                _unlock(lock_fd)
             flight.release()
             raise
         finally:
@@ -583,7 +746,20 @@ class FilesystemCache:
                 await sink.abort()
                 await upstream.aclose()
             raise
-        return VerifyingStream(upstream, h, size, what=str(h), sinks=[sink])
+        return VerifyingStream(upstream, h, size, what=str(h), sinks=[sink], from_cache=False)
+
+    async def _open_committed(self, h: Hash) -> ByteReceiveStream | None:
+        """A stream of the committed entry ``h``, or None when there is no usable one."""
+        meta = await self._lookup(h)
+        if meta is None:
+            return None
+        try:
+            return await self._open_entry(h, meta)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:  # unreadable, or no longer a regular file
+            self._unusable(self._entry(h), exc)
+            return None
 
     def _try_lock(self, h: Hash) -> int | None:
         path = os.path.join(self._lockdir, f"{h.algorithm}-{h.hex}.lock")
@@ -600,23 +776,60 @@ class FilesystemCache:
     async def _lock_entry(self, h: Hash) -> int | None:
         """Take entry ``h``'s lock file, waiting while another process holds it.
 
-        Returns the locked descriptor, or None when the entry appeared while
-        waiting (the other process committed it). Polls with a growing pause
-        (10 ms to 250 ms), so waiting stays cancellable.
+        Polls with a growing pause (10 ms to 250 ms), so waiting stays
+        cancellable. A wait of more than a few seconds is logged with what it
+        waits for; when the other process's temp file has not grown for
+        ``stalled_fill_timeout`` seconds, the wait ends without the lock (None):
+        the entry is then fetched here too (the rename keeps either copy whole).
         """
-        entry = self._entry(h)
         delay = 0.01
+        started = last_check = last_growth = time.monotonic()
+        told = 0.0
+        seen = -1
         while True:
             fd = self._try_lock(h)
             if fd is not None:
-                if os.path.exists(entry):  # noqa: ASYNC240 - committed before we got the lock
-                    _unlock(fd)
-                    return None
                 return fd
             await anyio.sleep(delay)
             delay = min(delay * 2, 0.25)
-            if os.path.exists(entry):  # noqa: ASYNC240
+            now = time.monotonic()
+            if now - last_check < 1.0:
+                continue
+            last_check = now
+            size = await anyio.to_thread.run_sync(self._filling_size, h)
+            if size != seen:
+                seen, last_growth = size, now
+            if now - last_growth >= self.stalled_fill_timeout:
+                log.warning(
+                    "cache %s: another process filling %s made no progress for %.0f s; "
+                    "fetching it here",
+                    self.path,
+                    h,
+                    now - last_growth,
+                )
                 return None
+            if now - started >= 5.0 and now - told >= 30.0:
+                told = now
+                log.warning(
+                    "cache %s: waiting for another process to finish filling %s (%d bytes so far)",
+                    self.path,
+                    h,
+                    max(seen, 0),
+                )
+
+    def _filling_size(self, h: Hash) -> int:
+        """Bytes in the temp files filling ``h`` (named after it), as a sign of progress."""
+        prefix = f".{h.hex[:16]}."
+        total = 0
+        try:
+            with os.scandir(self._tmpdir) as it:
+                for e in it:
+                    if e.name.startswith(prefix):
+                        with contextlib.suppress(OSError):
+                            total += e.stat(follow_symlinks=False).st_size
+        except OSError:
+            pass
+        return total
 
     # --- the Cache protocol ------------------------------------------------------
 
@@ -634,13 +847,21 @@ class FilesystemCache:
         return _cached_layer(self, h, meta)
 
     async def delete(self, h: Hash) -> None:
-        """Remove the entry ``h``; :class:`LayerNotFoundError` if there is none."""
-        await self._ensure()
+        """Remove the entry ``h``; :class:`LayerNotFoundError` if there is none.
+
+        Whatever sits at the entry's name goes, also if it is not a regular file.
+        """
+        if not await self._peek():
+            raise LayerNotFoundError(f"{h} is not in cache {self.path}")
         entry = self._entry(h)
 
         def remove() -> None:
             try:
-                os.unlink(entry)
+                st = os.lstat(entry)
+                if stat.S_ISDIR(st.st_mode):
+                    shutil.rmtree(entry)  # does not follow symlinks inside
+                else:
+                    os.unlink(entry)
             except FileNotFoundError:
                 raise LayerNotFoundError(f"{h} is not in cache {self.path}") from None
             finally:
@@ -677,12 +898,9 @@ class _EntryOpener:
         self._h = h
 
     async def __call__(self) -> ByteReceiveStream:
-        meta = await self._cache._lookup(self._h)
-        if meta is not None:
-            try:
-                return await self._cache._open_entry(self._h, meta)
-            except FileNotFoundError:
-                pass
+        stream = await self._cache._open_committed(self._h)
+        if stream is not None:
+            return stream
         raise LayerNotFoundError(f"{self._h} is no longer in cache {self._cache.path}")
 
 

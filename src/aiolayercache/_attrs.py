@@ -1,0 +1,52 @@
+"""Typed stream attributes: what a stream declares about its bytes, in anyio's manner.
+
+A consumer asks ``stream.extra(StreamAttribute.proven_file, None)`` instead of
+probing for attributes; a wrapper that passes bytes through unchanged forwards
+its inner stream's ``extra_attributes`` (and may replace one of them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from anyio import TypedAttributeSet, typed_attribute
+
+from ._hash import Hash
+
+__all__ = ["ProvenFile", "StreamAttribute"]
+
+
+def _ignore(n: int) -> None:
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class ProvenFile:
+    """An open regular file whose ``size`` bytes hashed to ``digest`` when they were proven.
+
+    A consumer may copy the file by descriptor (in the kernel) instead of
+    reading the stream, but the proof is only as good as the file's size and
+    mtime: it must hash what lands before it trusts it, and call
+    :meth:`condemn` when that does not match (the owner then removes the
+    entry, so the next read fetches it again). ``consumed`` is called with the
+    number of bytes copied that way, so progress counters stay right.
+    """
+
+    fd: int
+    digest: Hash
+    size: int
+    condemn: Callable[[], Awaitable[None]]
+    consumed: Callable[[int], None] = field(default=_ignore)
+
+
+class StreamAttribute(TypedAttributeSet):
+    """Attributes of the byte streams of this library (see ``ByteReceiveStream.extra``)."""
+
+    #: the stream raises rather than end cleanly unless its bytes hash to this digest
+    #: (and number this many bytes, when not None)
+    verifies: tuple[Hash, int | None] = typed_attribute()
+    #: the stream reads a proven cache entry that may be copied by descriptor
+    proven_file: ProvenFile = typed_attribute()
+    #: True when the bytes come from a cache entry, False when from upstream
+    from_cache: bool = typed_attribute()
