@@ -94,6 +94,8 @@ _PROOFS: dict[str, _Meta] = {}
 # When this process last recorded a use of each entry (time.time()).
 _USED: dict[str, float] = {}
 _USE_GRANULARITY = 60.0
+# A wait on another process's fill longer than this is logged, with what it waits for.
+_NOTICE_AFTER = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -808,7 +810,7 @@ class FilesystemCache:
                     now - last_growth,
                 )
                 return None
-            if now - started >= 5.0 and now - told >= 30.0:
+            if now - started >= _NOTICE_AFTER and now - told >= 30.0:
                 told = now
                 log.warning(
                     "cache %s: waiting for another process to finish filling %s (%d bytes so far)",
