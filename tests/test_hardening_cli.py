@@ -1,0 +1,101 @@
+"""The CLI defects of issue 10 (items 4 and 10), each pinned by a test that failed before its fix.
+
+The command runs in-process (``cli.main(argv)`` returns the exit code) against the real
+loopback registry and real files.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import anyio
+import pytest
+
+from aiolayercache import Image, MediaType, layout, random
+from aiolayercache.cli import main
+from aiolayercache.remote import InvalidReferenceError, Reference
+
+
+def pull(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """Run ``aiolayercache pull ARGV`` in-process: (exit code, stdout, stderr)."""
+    capsys.readouterr()
+    code = main(["pull", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def names_in(lay: Path) -> list[tuple[str, str]]:
+    """``(ref name, digest)`` of each entry of a layout's index.json, in order."""
+    doc = json.loads((lay / "index.json").read_text())
+    return [
+        (d.get("annotations", {}).get(layout.REF_NAME, ""), d["digest"]) for d in doc["manifests"]
+    ]
+
+
+def oci_image(seed: int, platform: str = "linux/amd64") -> Image:
+    return random.image(
+        32 * 1024, 1, media_type=MediaType.OCI_MANIFEST_SCHEMA1, platform=platform, seed=seed
+    )
+
+
+def write_layout(path: Path, img: Image, ref_name: str) -> None:
+    async def go() -> None:
+        await layout.write(path, img, ref_name=ref_name)
+
+    anyio.run(go)
+
+
+# --- 10: references ----------------------------------------------------------------------
+
+PASSWORD = "hunter2-Pa55"
+
+
+def test_a_url_is_not_a_reference_and_the_message_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = pull(capsys, "http://127.0.0.1:5000/x/a:v1", str(tmp_path / "d"), "--no-cache")
+    assert code == 2, err
+    assert "bad port" not in err
+    assert "no scheme" in err and "'http://'" in err
+    assert "[HOST[:PORT]/]NAME[:TAG][@DIGEST]" in err
+
+
+def test_credentials_in_a_reference_are_refused_and_never_echoed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = pull(
+        capsys, f"user:{PASSWORD}@127.0.0.1:5000/x:v1", str(tmp_path / "d"), "--no-cache"
+    )
+    assert code == 2, err
+    assert PASSWORD not in err
+    assert "credentials do not belong in a reference" in err
+    assert "digest algorithm" not in err
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        f"user:{PASSWORD}@host.example/x:v1",
+        f"user:{PASSWORD}@host.example:5000/x/y@sha256:{'a' * 64}",
+        f"https://user:{PASSWORD}@ghcr.io/x",
+        f"user:{PASSWORD}@alpine",  # no '/': could be name:tag@digest, so only masked
+        f"user:{PASSWORD}@host:5000",
+        f"user:p@{PASSWORD}@alpine",  # a password holding '@'
+        f"user:p/{PASSWORD}@host.example",  # a password holding '/'
+        f"user:p/{PASSWORD}@host.example/x",
+        f"user:{PASSWORD} x@host",  # bad characters too
+    ],
+)
+def test_reference_errors_never_hold_the_password(text: str) -> None:
+    with pytest.raises(InvalidReferenceError) as ei:
+        Reference.parse(text)
+    assert PASSWORD not in str(ei.value)
+    assert "invalid reference" in str(ei.value)
+    assert PASSWORD not in str(ei.value.__cause__ or "")
+
+
+def test_plain_references_with_at_and_colon_still_parse() -> None:
+    d = "sha256:" + "b" * 64
+    assert Reference.parse(f"alpine:3.20@{d}").tag == "3.20"
+    assert str(Reference.parse(f"localhost:5000/x/y@{d}").digest) == d
