@@ -7,6 +7,7 @@ loopback registry and real files.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import anyio
@@ -15,6 +16,9 @@ import pytest
 from aiolayercache import Image, MediaType, layout, random
 from aiolayercache.cli import main
 from aiolayercache.remote import InvalidReferenceError, Reference
+
+from .conftest import Published
+from .registry import Registry
 
 
 def pull(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -99,3 +103,17 @@ def test_plain_references_with_at_and_colon_still_parse() -> None:
     d = "sha256:" + "b" * 64
     assert Reference.parse(f"alpine:3.20@{d}").tag == "3.20"
     assert str(Reference.parse(f"localhost:5000/x/y@{d}").digest) == d
+
+
+# --- 10: a tarball in a missing directory ------------------------------------------------
+
+
+def test_a_tarball_in_a_missing_directory_names_the_destination(
+    registry: Registry, published: Published, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dest = tmp_path / "missing" / "x.tar"
+    code, _, err = pull(capsys, f"{registry.host}/test/small:v1", str(dest), "--no-cache")
+    assert code == 1, err
+    assert os.path.realpath(dest) in err
+    assert ".tmp" not in err and ".tarball." not in err
+    assert not dest.parent.exists()
