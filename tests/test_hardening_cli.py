@@ -50,6 +50,44 @@ def write_layout(path: Path, img: Image, ref_name: str) -> None:
     anyio.run(go)
 
 
+# --- 10: --platform ----------------------------------------------------------------------
+
+
+def test_explicit_platform_a_single_image_does_not_match_fails(
+    registry: Registry, published: Published, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ref = f"{registry.host}/test/small:v1"  # a single linux/amd64 image, not an index
+    dest = tmp_path / "arm"
+    code, _, err = pull(capsys, ref, str(dest), "--platform", "linux/arm64", "--no-cache")
+    assert code == 1, err
+    assert ref in err and "linux/arm64" in err and "linux/amd64" in err
+    assert not (dest / "index.json").exists()
+    # The same from a layout holding a single arm64 image.
+    lay = tmp_path / "lay"
+    write_layout(lay, oci_image(5, platform="linux/arm64"), "v1")
+    code, _, err = pull(
+        capsys, f"oci:{lay}:v1", str(dest), "--platform", "linux/amd64", "--no-cache"
+    )
+    assert code == 1, err
+    assert "linux/arm64" in err and "linux/amd64" in err
+    # A match, or no --platform at all, pulls as before.
+    code, _, err = pull(capsys, ref, str(dest), "--platform", "linux/amd64", "--no-cache")
+    assert code == 0, err
+    code, _, err = pull(capsys, f"oci:{lay}:v1", str(tmp_path / "d2"), "--no-cache")
+    assert code == 0, err
+
+
+def test_a_malformed_platform_is_a_usage_error_that_says_what_a_platform_is(
+    registry: Registry, published: Published, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ref = f"{registry.host}/test/multi:v1"  # an index: the platform was used, and failed (1)
+    for bad in ["garbage", "linux/", "a/b/c/d"]:
+        code, _, err = pull(capsys, ref, str(tmp_path / "d"), "--platform", bad, "--no-cache")
+        assert code == 2, (bad, err)
+        assert f"not a platform: {bad!r}" in err and "e.g. linux/amd64" in err
+    assert not (tmp_path / "d").exists()
+
+
 # --- 10: references ----------------------------------------------------------------------
 
 PASSWORD = "hunter2-Pa55"

@@ -53,6 +53,20 @@ def parse_duration(s: str) -> float:
     return float(m.group(1)) * mult
 
 
+def parse_platform(s: str) -> str:
+    """``linux/arm64``, ``linux/arm/v7``: checked here, so a bad one is a usage error."""
+    from ._types import Platform
+
+    try:
+        Platform.from_string(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a platform: {s!r} (a platform is OS/ARCH[/VARIANT], "
+            "e.g. linux/amd64 or linux/arm/v7)"
+        ) from None
+    return s
+
+
 def human(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
@@ -120,8 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     plat = pull.add_mutually_exclusive_group()
     plat.add_argument(
         "--platform",
+        type=parse_platform,
         metavar="OS/ARCH[/VARIANT]",
-        help="which image of an index (default: this host)",
+        help="which image of an index (default: this host); a single image of "
+        "another platform is an error",
     )
     plat.add_argument(
         "--all-platforms", action="store_true", help="keep whole indexes (every platform)"
@@ -413,7 +429,12 @@ class _ObservedIndex:
 
 async def _resolve(
     src: Source, args: argparse.Namespace, client: Any
-) -> list[tuple[str, Image | ImageIndex]]:
+) -> list[tuple[str, Image | ImageIndex, bool]]:
+    """``(name, image or index, single)`` for each image of ``src``.
+
+    ``single`` is True for an image that was not chosen from an index by its
+    platform: the only kind whose platform is still to be checked.
+    """
     from . import layout
     from ._types import is_index_type
     from .remote import Reference, host_platform
@@ -425,8 +446,8 @@ async def _resolve(
         name = f"{ref.context}:{ref.tag}" if ref.tag else str(ref.identifier)
         desc = await client.get(ref)
         if desc.is_index and args.all_platforms:
-            return [(name, desc.index())]
-        return [(name, await desc.image(platform=platform))]
+            return [(name, desc.index(), False)]
+        return [(name, await desc.image(platform=platform), not desc.is_index)]
     if src.kind == "oci":
         ii = await layout.index(src.path)
         im = await ii.index_manifest()
@@ -439,23 +460,24 @@ async def _resolve(
         ]
         if not picks:
             raise LookupError(f"{src.text}: no image named {src.ref!r} in the layout")
-        out: list[tuple[str, Image | ImageIndex]] = []
+        out: list[tuple[str, Image | ImageIndex, bool]] = []
         for d in picks:
             name = (d.annotations or {}).get(REF_NAME) or d.digest.hex[:12]
             if is_index_type(d.media_type):
                 child = await ii.image_index(d.digest)
                 if args.all_platforms:
-                    out.append((name, child))
+                    out.append((name, child, False))
                 else:
-                    out.append((name, await _platform_child(child, platform, src.text)))
+                    out.append((name, await _platform_child(child, platform, src.text), False))
             else:
-                out.append((name, await ii.image(d.digest)))
+                out.append((name, await ii.image(d.digest), True))
         return out
     from . import tarball
 
     imgs = await tarball.images(src.path)
     return [
-        ((getattr(img, "repo_tags", None) or [os.path.basename(src.path)])[0], img) for img in imgs
+        ((getattr(img, "repo_tags", None) or [os.path.basename(src.path)])[0], img, True)
+        for img in imgs
     ]
 
 
@@ -468,6 +490,28 @@ async def _platform_child(ii: ImageIndex, platform: str, what: str) -> Image:
         if d.platform is not None and platform_matches(want, d.platform):
             return await ii.image(d.digest)
     raise PlatformNotFoundError(f"{what}: no image for platform {want}")
+
+
+async def _check_platform(img: Image, platform: str, what: str) -> None:
+    """An explicit ``--platform`` that a single image does not match is an error.
+
+    Its config says where it runs; a config that says nothing is let through.
+    """
+    from ._types import Platform
+    from .remote import PlatformNotFoundError, platform_matches
+
+    cfg = await img.config_file()
+    if not cfg.os or not cfg.architecture:
+        return
+    want = Platform.from_string(platform)
+    have = Platform(
+        architecture=cfg.architecture, os=cfg.os, variant=cfg.variant, os_version=cfg.os_version
+    )
+    if not platform_matches(want, have):
+        raise PlatformNotFoundError(
+            f"{what}: --platform {want} asked for, but this is a single-platform image "
+            f"for {have} (not an index with a {want} image)"
+        )
 
 
 async def _pull(args: argparse.Namespace, rep: Reporter) -> int:
@@ -492,11 +536,13 @@ async def _pull(args: argparse.Namespace, rep: Reporter) -> int:
         async def resolve(src: Source) -> None:
             async with limiter:
                 try:
-                    for name, t in await _resolve(src, args, client):
+                    for name, t, single in await _resolve(src, args, client):
                         observed: Any
                         if isinstance(t, Image):
                             img = cache.image(t, fs) if fs is not None else t
                             observed = _ObservedImage(img, rep, fs)
+                            if single and args.platform:
+                                await _check_platform(observed, args.platform, src.text)
                         else:
                             ii = cache.image_index(t, fs) if fs is not None else t
                             observed = _ObservedIndex(ii, rep, fs)
