@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import tarfile
 from pathlib import Path
 
 import anyio
 import pytest
 
-from aiolayercache import Image, MediaType, layout, random
+from aiolayercache import Image, MediaType, layout, random, tarball
 from aiolayercache.cli import main
 from aiolayercache.remote import InvalidReferenceError, Reference
 
@@ -48,6 +49,90 @@ def write_layout(path: Path, img: Image, ref_name: str) -> None:
         await layout.write(path, img, ref_name=ref_name)
 
     anyio.run(go)
+
+
+# --- 4: two images under one name in one destination -------------------------------------
+
+
+def test_two_layouts_naming_different_images_alike_are_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a, b, dest = tmp_path / "a", tmp_path / "b", tmp_path / "dest"
+    write_layout(a, oci_image(1), "v1")
+    write_layout(b, oci_image(2), "v1")
+    code, _, err = pull(capsys, f"oci:{a}:v1", f"oci:{b}:v1", str(dest), "--no-cache")
+    assert code == 2, err
+    assert f"oci:{a}:v1" in err and f"oci:{b}:v1" in err and "'v1'" in err
+    assert "--name" in err  # says how to name them apart
+    assert not (dest / "index.json").exists()  # nothing written, nothing lost
+    # Named apart, both arrive, in the order given (it used to vary from run to run).
+    code, out, err = pull(
+        capsys, f"oci:{a}:v1", f"oci:{b}:v1", str(dest), "--no-cache", "--name", f"oci:{b}:v1=v1-b"
+    )
+    assert code == 0, err
+    assert "2 images" in out
+    got = names_in(dest)
+    assert [n for n, _ in got] == ["v1", "v1-b"]
+    assert got[0][1] == names_in(a)[0][1] and got[1][1] == names_in(b)[0][1]
+
+
+def test_two_archives_with_one_repo_tag_into_a_tarball_are_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a, b, out_tar = tmp_path / "a.tar", tmp_path / "b.tar", tmp_path / "out.tar"
+    anyio.run(tarball.write, a, {"x/app:v1": random.image(32 * 1024, 1, seed=1)})
+    anyio.run(tarball.write, b, {"x/app:v1": random.image(32 * 1024, 1, seed=2)})
+    code, _, err = pull(
+        capsys, f"docker-archive:{a}", f"docker-archive:{b}", str(out_tar), "--no-cache"
+    )
+    assert code == 2, err
+    assert f"docker-archive:{a}" in err and f"docker-archive:{b}" in err
+    assert "'x/app:v1'" in err
+    assert not out_tar.exists()
+    code, _, err = pull(
+        capsys,
+        f"docker-archive:{a}",
+        f"docker-archive:{b}",
+        str(out_tar),
+        "--no-cache",
+        "--name",
+        f"docker-archive:{b}=x/app:v2",
+    )
+    assert code == 0, err
+    with tarfile.open(out_tar) as tf:
+        f = tf.extractfile("manifest.json")
+        assert f is not None
+        manifest = json.load(f)
+    assert [m["RepoTags"] for m in manifest] == [["x/app:v1"], ["x/app:v2"]]
+    assert manifest[0]["Config"] != manifest[1]["Config"]
+
+
+def test_the_same_image_under_the_same_name_twice_goes_in_once(
+    registry: Registry, published: Published, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ref = f"{registry.host}/test/small:v1"
+    code, out, err = pull(capsys, ref, f"docker://{ref}", str(tmp_path / "one"), "--no-cache")
+    assert code == 0, err
+    assert out.startswith("1 image,"), out  # was "2 images" for one entry
+    assert [n for n, _ in names_in(tmp_path / "one")] == [ref]
+    # The same image under the same name from another source (the layout just written)
+    # is no conflict either: nothing would be lost.
+    code, out, err = pull(
+        capsys, ref, f"oci:{tmp_path / 'one'}:{ref}", str(tmp_path / "two"), "--no-cache"
+    )
+    assert code == 0, err
+    assert out.startswith("1 image,"), out
+    assert names_in(tmp_path / "two") == names_in(tmp_path / "one")
+
+
+def test_name_option_is_checked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a = tmp_path / "a"
+    write_layout(a, oci_image(1), "v1")
+    for bad in [f"oci:{a}:v1", f"oci:{a}:v2=x", f"oci:{a}:v1=bad name"]:
+        code, _, err = pull(capsys, f"oci:{a}:v1", str(tmp_path / "d"), "--no-cache", "--name", bad)
+        assert code == 2, (bad, err)
+        assert "--name" in err
+    assert not (tmp_path / "d").exists()
 
 
 # --- 10: --platform ----------------------------------------------------------------------
