@@ -30,6 +30,9 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 _SIZE = re.compile(r"(?i)^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$")
 _DURATION = re.compile(r"(?i)^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+# org.opencontainers.image.ref.name, as the image spec's grammar has it.
+_NAME_PART = r"[A-Za-z0-9]+(?:(?:[-._:@+]|--)[A-Za-z0-9]+)*"
+_REF_NAME = re.compile(rf"{_NAME_PART}(?:/{_NAME_PART})*")
 
 
 class UsageError(Exception):
@@ -53,6 +56,20 @@ def parse_duration(s: str) -> float:
         raise argparse.ArgumentTypeError(f"not a duration: {s!r} (try 7d or 12h)")
     mult = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2).lower()]
     return float(m.group(1)) * mult
+
+
+def parse_platform(s: str) -> str:
+    """``linux/arm64``, ``linux/arm/v7``: checked here, so a bad one is a usage error."""
+    from ._types import Platform
+
+    try:
+        Platform.from_string(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a platform: {s!r} (a platform is OS/ARCH[/VARIANT], "
+            "e.g. linux/amd64 or linux/arm/v7)"
+        ) from None
+    return s
 
 
 def human(n: float) -> str:
@@ -122,11 +139,21 @@ def build_parser() -> argparse.ArgumentParser:
     plat = pull.add_mutually_exclusive_group()
     plat.add_argument(
         "--platform",
+        type=parse_platform,
         metavar="OS/ARCH[/VARIANT]",
-        help="which image of an index (default: this host)",
+        help="which image of an index (default: this host); a single image of "
+        "another platform is an error",
     )
     plat.add_argument(
         "--all-platforms", action="store_true", help="keep whole indexes (every platform)"
+    )
+    pull.add_argument(
+        "--name",
+        action="append",
+        default=[],
+        metavar="SRC=NAME",
+        help="name SRC's image NAME in DEST instead of its own name (two different "
+        "images may not share a name in one DEST)",
     )
     pull.add_argument(
         "-j", "--jobs", type=int, default=4, metavar="N", help="images pulled at once (default 4)"
@@ -397,7 +424,12 @@ class _ObservedIndex:
 
 async def _resolve(
     src: Source, args: argparse.Namespace, client: Any
-) -> list[tuple[str, Image | ImageIndex]]:
+) -> list[tuple[str, Image | ImageIndex, bool]]:
+    """``(name, image or index, single)`` for each image of ``src``.
+
+    ``single`` is True for an image that was not chosen from an index by its
+    platform: the only kind whose platform is still to be checked.
+    """
     from . import layout
     from ._types import is_index_type
     from .remote import Reference, host_platform
@@ -409,8 +441,8 @@ async def _resolve(
         name = f"{ref.context}:{ref.tag}" if ref.tag else str(ref.identifier)
         desc = await client.get(ref)
         if desc.is_index and args.all_platforms:
-            return [(name, desc.index())]
-        return [(name, await desc.image(platform=platform))]
+            return [(name, desc.index(), False)]
+        return [(name, await desc.image(platform=platform), not desc.is_index)]
     if src.kind == "oci":
         ii = await layout.index(src.path)
         im = await ii.index_manifest()
@@ -423,23 +455,24 @@ async def _resolve(
         ]
         if not picks:
             raise LookupError(f"{src.text}: no image named {src.ref!r} in the layout")
-        out: list[tuple[str, Image | ImageIndex]] = []
+        out: list[tuple[str, Image | ImageIndex, bool]] = []
         for d in picks:
             name = (d.annotations or {}).get(REF_NAME) or d.digest.hex[:12]
             if is_index_type(d.media_type):
                 child = await ii.image_index(d.digest)
                 if args.all_platforms:
-                    out.append((name, child))
+                    out.append((name, child, False))
                 else:
-                    out.append((name, await _platform_child(child, platform, src.text)))
+                    out.append((name, await _platform_child(child, platform, src.text), False))
             else:
-                out.append((name, await ii.image(d.digest)))
+                out.append((name, await ii.image(d.digest), True))
         return out
     from . import tarball
 
     imgs = await tarball.images(src.path)
     return [
-        ((getattr(img, "repo_tags", None) or [os.path.basename(src.path)])[0], img) for img in imgs
+        ((getattr(img, "repo_tags", None) or [os.path.basename(src.path)])[0], img, True)
+        for img in imgs
     ]
 
 
@@ -454,6 +487,105 @@ async def _platform_child(ii: ImageIndex, platform: str, what: str) -> Image:
     raise PlatformNotFoundError(f"{what}: no image for platform {want}")
 
 
+async def _check_platform(img: Image, platform: str, what: str) -> None:
+    """An explicit ``--platform`` that a single image does not match is an error.
+
+    Its config says where it runs; a config that says nothing is let through.
+    """
+    from ._types import Platform
+    from .remote import PlatformNotFoundError, platform_matches
+
+    cfg = await img.config_file()
+    if not cfg.os or not cfg.architecture:
+        return
+    want = Platform.from_string(platform)
+    have = Platform(
+        architecture=cfg.architecture, os=cfg.os, variant=cfg.variant, os_version=cfg.os_version
+    )
+    if not platform_matches(want, have):
+        raise PlatformNotFoundError(
+            f"{what}: --platform {want} asked for, but this is a single-platform image "
+            f"for {have} (not an index with a {want} image)"
+        )
+
+
+def _dedupe(sources: list[Source], renames: dict[str, str]) -> list[Source]:
+    """The same source (and name) twice is pulled once, as crane keys images by source."""
+    from .remote import Reference
+
+    seen: set[tuple[str, ...]] = set()
+    out = []
+    for src in sources:
+        name = renames.get(src.text, "")
+        if src.kind == "registry":
+            assert src.ref is not None
+            key: tuple[str, ...] = (src.kind, str(Reference.parse(src.ref)), name)
+        else:
+            key = (src.kind, os.path.abspath(src.path), src.ref or "", name)
+        if key not in seen:
+            seen.add(key)
+            out.append(src)
+    return out
+
+
+def _renames(args: argparse.Namespace) -> dict[str, str]:
+    """``--name SRC=NAME`` options, checked: SRC is one of the sources, NAME a ref name."""
+    out: dict[str, str] = {}
+    for item in args.name:
+        src, eq, name = item.rpartition("=")
+        if not eq or not src or not _REF_NAME.fullmatch(name):
+            raise UsageError(f"--name {item!r}: want SRC=NAME, NAME like v1 or example.com/app:1.0")
+        if src not in args.sources:
+            raise UsageError(f"--name {item!r}: {src!r} is not one of the sources")
+        out[src] = name
+    return out
+
+
+async def _name_apart(
+    sources: list[Source],
+    resolved: list[list[tuple[str, Any]]],
+    renames: dict[str, str],
+    fmt: str,
+    dest: str,
+) -> list[tuple[str, Any]]:
+    """What goes into DEST, by name: one name, one image.
+
+    A second image under a taken name would replace the first (index.json, or
+    RepoTags for docker load) and lose it: a usage error naming both sources.
+    The same image under the same name twice goes in once. An image is what
+    DEST tells apart: the manifest digest in a layout, the config digest (the
+    image ID) in a docker tarball.
+    """
+    targets: list[tuple[str, Any]] = []
+    owners: dict[str, tuple[Source, Hash]] = {}
+    for src, items in zip(sources, resolved, strict=True):
+        if src.text in renames:
+            if len(items) != 1:
+                raise UsageError(
+                    f"--name {src.text}=...: {src.text} holds {len(items)} images; "
+                    "--name names one (pick it with oci:DIR:REF)"
+                )
+            items = [(renames[src.text], items[0][1])]
+        for name, t in items:
+            digest = await t.digest() if fmt == "oci" else (await t.manifest()).config.digest
+            owner = owners.get(name)
+            if owner is None:
+                owners[name] = (src, digest)
+                targets.append((name, t))
+            elif owner[1] != digest:
+                first = owner[0].text
+                if first != src.text:
+                    who = f"{first} and {src.text}"
+                    fix = f"name one apart with --name '{src.text}=OTHER-NAME', or pull"
+                else:
+                    who, fix = f"two images of {src.text}", "pull"
+                raise UsageError(
+                    f"{who} are both named {name!r} in {dest}, but are different "
+                    f"images ({owner[1]}, {digest}); {fix} them into separate destinations"
+                )
+    return targets
+
+
 async def _pull(args: argparse.Namespace, rep: Reporter) -> int:
     import anyio
 
@@ -461,7 +593,8 @@ async def _pull(args: argparse.Namespace, rep: Reporter) -> int:
     from .cache import FilesystemCache
     from .remote import Client
 
-    sources = [parse_source(s) for s in args.sources]
+    renames = _renames(args)
+    sources = _dedupe([parse_source(s) for s in args.sources], renames)
     fmt = args.format or ("tarball" if args.dest.endswith((".tar", ".tar.gz")) else "oci")
     fs = None if args.no_cache else FilesystemCache(args.cache_dir or default_cache_dir())
     if args.jobs < 1:
@@ -469,30 +602,33 @@ async def _pull(args: argparse.Namespace, rep: Reporter) -> int:
     if fmt == "tarball" and args.all_platforms:
         raise UsageError("--all-platforms needs --format oci (a docker tarball holds images)")
     failures: list[str] = []
-    targets: list[tuple[str, Image | ImageIndex]] = []
+    # One slot per source, so DEST lists images in the order the sources were given.
+    resolved: list[list[tuple[str, Any]]] = [[] for _ in sources]
     limiter = anyio.CapacityLimiter(args.jobs)
     async with Client(insecure=args.insecure) as client:
 
-        async def resolve(src: Source) -> None:
+        async def resolve(i: int, src: Source) -> None:
             async with limiter:
                 try:
-                    for name, t in await _resolve(src, args, client):
+                    for name, t, single in await _resolve(src, args, client):
                         observed: Any
                         if isinstance(t, Image):
                             img = cache.image(t, fs) if fs is not None else t
                             observed = _ObservedImage(img, rep, fs)
+                            if single and args.platform:
+                                await _check_platform(observed, args.platform, src.text)
                         else:
                             ii = cache.image_index(t, fs) if fs is not None else t
                             observed = _ObservedIndex(ii, rep, fs)
-                        targets.append((name, observed))
+                        resolved[i].append((name, observed))
                 except Exception as exc:
                     if args.debug:
                         raise
                     failures.append(f"{src.text}: {exc}")
 
         async with anyio.create_task_group() as tg:
-            for src in sources:
-                tg.start_soon(resolve, src)
+            for i, src in enumerate(sources):
+                tg.start_soon(resolve, i, src)
         if failures:
             for f in failures:
                 print(f"aiolayercache: pull failed: {f}", file=sys.stderr)
@@ -500,7 +636,10 @@ async def _pull(args: argparse.Namespace, rep: Reporter) -> int:
         try:
             if fmt == "oci":
                 # OCI media types, as skopeo writes them: its layout reader finds no others.
-                oci = [(await mutate.to_oci(t), name) for name, t in targets]
+                resolved = [[(n, await mutate.to_oci(t)) for n, t in ts] for ts in resolved]
+            targets = await _name_apart(sources, resolved, renames, fmt, args.dest)
+            if fmt == "oci":
+                oci = [(t, name) for name, t in targets]
                 descs = await layout.write_all(args.dest, oci, concurrency=max(4, args.jobs))
                 for (name, _), d in zip(targets, descs, strict=True):
                     rep.image_done(name, d.digest)
@@ -511,6 +650,8 @@ async def _pull(args: argparse.Namespace, rep: Reporter) -> int:
                 await tarball.write(args.dest, images)
                 for name, t in targets:
                     rep.image_done(name, await t.digest())
+        except UsageError:
+            raise
         except Exception as exc:
             if args.debug:
                 raise

@@ -358,7 +358,10 @@ async def write(
         tagged = [(None, target)]
     final = await anyio.to_thread.run_sync(os.path.realpath, os.fspath(path))
     out = AtomicFile(final, os.path.dirname(final), durable=durability == "full", tag="tarball")
-    await out.open()
+    try:
+        await out.open()
+    except OSError as exc:  # it names the temp file, which the caller never asked for
+        raise OSError(exc.errno, exc.strerror, final) from exc
     try:
         written: set[str] = set()
         entries: list[dict[str, object]] = []

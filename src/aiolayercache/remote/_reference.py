@@ -20,6 +20,9 @@ _HOSTNAME = re.compile(
     r"(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)(?:\.(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?))*"
 )
 _PORT = re.compile(r"[0-9]{1,5}")
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+_DIGEST_START = re.compile(r"sha(?:256|512):")
+FORM = "a reference is [HOST[:PORT]/]NAME[:TAG][@DIGEST], e.g. ghcr.io/org/app:1.0"
 
 
 class InvalidReferenceError(AioLayerCacheError, ValueError):
@@ -56,6 +59,31 @@ def _check_domain(domain: str, ref: str) -> None:
         raise InvalidReferenceError(f"invalid reference {ref!r}: bad port {port!r}")
 
 
+def _userinfo_end(s: str) -> int:
+    """Where ``user[:password]@`` ends in ``s`` (the index of its ``@``), or -1.
+
+    In a reference ``@`` is followed only by a digest, which has no ``/``; so
+    an ``@`` with a ``/`` after it ends user info (``user:pw@host/x``). The
+    last such ``@`` is taken: a password may hold ``@`` and ``/`` too.
+    """
+    slash = s.rfind("/")
+    return s.rfind("@", 0, slash) if slash > 0 else -1
+
+
+def _shown(s: str) -> str:
+    """``s`` as error messages show it: with what may be a password masked.
+
+    When what follows the first ``@`` does not start like a digest, the text
+    before the last ``@`` may be ``user:password``: everything after its first
+    ``:`` is masked.
+    """
+    at = s.rfind("@")
+    if at < 0 or _DIGEST_START.match(s.partition("@")[2]):
+        return s
+    user, colon, _ = s[:at].partition(":")
+    return f"{user}{':***' if colon else ''}@{s[at + 1 :]}"
+
+
 @dataclass(frozen=True, slots=True)
 class Reference:
     """``[registry/]repository[:tag][@digest]``, normalised as docker does.
@@ -73,15 +101,39 @@ class Reference:
     def parse(cls, s: str) -> Reference:
         if not isinstance(s, str) or not s:
             raise InvalidReferenceError(f"invalid reference {s!r}: empty")
+        shown = _shown(s)
+        at = _userinfo_end(s)
+        if at >= 0:
+            raise InvalidReferenceError(
+                f"invalid reference {'<credentials>@' + s[at + 1 : at + 201]!r}: credentials "
+                "do not belong in a reference (log in with docker login or podman login "
+                f"instead); {FORM}"
+            )
+        scheme = _SCHEME.match(s)
+        if scheme:
+            raise InvalidReferenceError(
+                f"invalid reference {shown[:200]!r}: a reference has no scheme; drop "
+                f"{scheme.group()!r} (https is used, or http for a loopback or insecure "
+                f"registry); {FORM}"
+            )
         if len(s) > 4096 or any(c.isspace() or ord(c) < 32 for c in s):
-            raise InvalidReferenceError(f"invalid reference {s[:200]!r}: bad characters")
+            raise InvalidReferenceError(f"invalid reference {shown[:200]!r}: bad characters")
         rest, digest = s, None
         if "@" in rest:
             rest, _, d = rest.partition("@")
             try:
                 digest = Hash.parse(d)
             except InvalidDigestError as exc:
-                raise InvalidReferenceError(f"invalid reference {s!r}: {exc}") from exc
+                if shown == s:
+                    why, cause = f": {exc}", exc
+                else:  # exc would echo what follows '@', which may be part of a password
+                    why = " (if what comes before '@' is user:password, credentials do not "
+                    why += "belong in a reference)"
+                    cause = None
+                raise InvalidReferenceError(
+                    f"invalid reference {shown!r}: '@' must be followed by a digest "
+                    f"(sha256:<64 hex>){why}; {FORM}"
+                ) from cause
         tag = None
         slash = rest.rfind("/")
         colon = rest.rfind(":")

@@ -1,0 +1,242 @@
+"""The CLI defects of issue 10 (items 4 and 10), each pinned by a test that failed before its fix.
+
+The command runs in-process (``cli.main(argv)`` returns the exit code) against the real
+loopback registry and real files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import anyio
+import pytest
+
+from aiolayercache import Image, MediaType, layout, random, tarball
+from aiolayercache.cli import main
+from aiolayercache.remote import InvalidReferenceError, Reference
+
+from .conftest import Published
+from .registry import Registry
+
+
+def pull(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """Run ``aiolayercache pull ARGV`` in-process: (exit code, stdout, stderr)."""
+    capsys.readouterr()
+    code = main(["pull", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def names_in(lay: Path) -> list[tuple[str, str]]:
+    """``(ref name, digest)`` of each entry of a layout's index.json, in order."""
+    doc = json.loads((lay / "index.json").read_text())
+    return [
+        (d.get("annotations", {}).get(layout.REF_NAME, ""), d["digest"]) for d in doc["manifests"]
+    ]
+
+
+def oci_image(seed: int, platform: str = "linux/amd64") -> Image:
+    return random.image(
+        32 * 1024, 1, media_type=MediaType.OCI_MANIFEST_SCHEMA1, platform=platform, seed=seed
+    )
+
+
+def write_layout(path: Path, img: Image, ref_name: str) -> None:
+    async def go() -> None:
+        await layout.write(path, img, ref_name=ref_name)
+
+    anyio.run(go)
+
+
+# --- 4: two images under one name in one destination -------------------------------------
+
+
+def test_two_layouts_naming_different_images_alike_are_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a, b, dest = tmp_path / "a", tmp_path / "b", tmp_path / "dest"
+    write_layout(a, oci_image(1), "v1")
+    write_layout(b, oci_image(2), "v1")
+    code, _, err = pull(capsys, f"oci:{a}:v1", f"oci:{b}:v1", str(dest), "--no-cache")
+    assert code == 2, err
+    assert f"oci:{a}:v1" in err and f"oci:{b}:v1" in err and "'v1'" in err
+    assert "--name" in err  # says how to name them apart
+    assert not (dest / "index.json").exists()  # nothing written, nothing lost
+    # Named apart, both arrive, in the order given (it used to vary from run to run).
+    code, out, err = pull(
+        capsys, f"oci:{a}:v1", f"oci:{b}:v1", str(dest), "--no-cache", "--name", f"oci:{b}:v1=v1-b"
+    )
+    assert code == 0, err
+    assert "2 images" in out
+    got = names_in(dest)
+    assert [n for n, _ in got] == ["v1", "v1-b"]
+    assert got[0][1] == names_in(a)[0][1] and got[1][1] == names_in(b)[0][1]
+
+
+def test_two_archives_with_one_repo_tag_into_a_tarball_are_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a, b, out_tar = tmp_path / "a.tar", tmp_path / "b.tar", tmp_path / "out.tar"
+    anyio.run(tarball.write, a, {"x/app:v1": random.image(32 * 1024, 1, seed=1)})
+    anyio.run(tarball.write, b, {"x/app:v1": random.image(32 * 1024, 1, seed=2)})
+    code, _, err = pull(
+        capsys, f"docker-archive:{a}", f"docker-archive:{b}", str(out_tar), "--no-cache"
+    )
+    assert code == 2, err
+    assert f"docker-archive:{a}" in err and f"docker-archive:{b}" in err
+    assert "'x/app:v1'" in err
+    assert not out_tar.exists()
+    code, _, err = pull(
+        capsys,
+        f"docker-archive:{a}",
+        f"docker-archive:{b}",
+        str(out_tar),
+        "--no-cache",
+        "--name",
+        f"docker-archive:{b}=x/app:v2",
+    )
+    assert code == 0, err
+    with tarfile.open(out_tar) as tf:
+        f = tf.extractfile("manifest.json")
+        assert f is not None
+        manifest = json.load(f)
+    assert [m["RepoTags"] for m in manifest] == [["x/app:v1"], ["x/app:v2"]]
+    assert manifest[0]["Config"] != manifest[1]["Config"]
+
+
+def test_the_same_image_under_the_same_name_twice_goes_in_once(
+    registry: Registry, published: Published, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ref = f"{registry.host}/test/small:v1"
+    code, out, err = pull(capsys, ref, f"docker://{ref}", str(tmp_path / "one"), "--no-cache")
+    assert code == 0, err
+    assert out.startswith("1 image,"), out  # was "2 images" for one entry
+    assert [n for n, _ in names_in(tmp_path / "one")] == [ref]
+    # The same image under the same name from another source (the layout just written)
+    # is no conflict either: nothing would be lost.
+    code, out, err = pull(
+        capsys, ref, f"oci:{tmp_path / 'one'}:{ref}", str(tmp_path / "two"), "--no-cache"
+    )
+    assert code == 0, err
+    assert out.startswith("1 image,"), out
+    assert names_in(tmp_path / "two") == names_in(tmp_path / "one")
+
+
+def test_name_option_is_checked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a = tmp_path / "a"
+    write_layout(a, oci_image(1), "v1")
+    for bad in [f"oci:{a}:v1", f"oci:{a}:v2=x", f"oci:{a}:v1=bad name"]:
+        code, _, err = pull(capsys, f"oci:{a}:v1", str(tmp_path / "d"), "--no-cache", "--name", bad)
+        assert code == 2, (bad, err)
+        assert "--name" in err
+    assert not (tmp_path / "d").exists()
+
+
+# --- 10: --platform ----------------------------------------------------------------------
+
+
+def test_explicit_platform_a_single_image_does_not_match_fails(
+    registry: Registry, published: Published, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ref = f"{registry.host}/test/small:v1"  # a single linux/amd64 image, not an index
+    dest = tmp_path / "arm"
+    code, _, err = pull(capsys, ref, str(dest), "--platform", "linux/arm64", "--no-cache")
+    assert code == 1, err
+    assert ref in err and "linux/arm64" in err and "linux/amd64" in err
+    assert not (dest / "index.json").exists()
+    # The same from a layout holding a single arm64 image.
+    lay = tmp_path / "lay"
+    write_layout(lay, oci_image(5, platform="linux/arm64"), "v1")
+    code, _, err = pull(
+        capsys, f"oci:{lay}:v1", str(dest), "--platform", "linux/amd64", "--no-cache"
+    )
+    assert code == 1, err
+    assert "linux/arm64" in err and "linux/amd64" in err
+    # A match, or no --platform at all, pulls as before.
+    code, _, err = pull(capsys, ref, str(dest), "--platform", "linux/amd64", "--no-cache")
+    assert code == 0, err
+    code, _, err = pull(capsys, f"oci:{lay}:v1", str(tmp_path / "d2"), "--no-cache")
+    assert code == 0, err
+
+
+def test_a_malformed_platform_is_a_usage_error_that_says_what_a_platform_is(
+    registry: Registry, published: Published, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ref = f"{registry.host}/test/multi:v1"  # an index: the platform was used, and failed (1)
+    for bad in ["garbage", "linux/", "a/b/c/d"]:
+        code, _, err = pull(capsys, ref, str(tmp_path / "d"), "--platform", bad, "--no-cache")
+        assert code == 2, (bad, err)
+        assert f"not a platform: {bad!r}" in err and "e.g. linux/amd64" in err
+    assert not (tmp_path / "d").exists()
+
+
+# --- 10: references ----------------------------------------------------------------------
+
+PASSWORD = "hunter2-Pa55"
+
+
+def test_a_url_is_not_a_reference_and_the_message_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = pull(capsys, "http://127.0.0.1:5000/x/a:v1", str(tmp_path / "d"), "--no-cache")
+    assert code == 2, err
+    assert "bad port" not in err
+    assert "no scheme" in err and "'http://'" in err
+    assert "[HOST[:PORT]/]NAME[:TAG][@DIGEST]" in err
+
+
+def test_credentials_in_a_reference_are_refused_and_never_echoed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = pull(
+        capsys, f"user:{PASSWORD}@127.0.0.1:5000/x:v1", str(tmp_path / "d"), "--no-cache"
+    )
+    assert code == 2, err
+    assert PASSWORD not in err
+    assert "credentials do not belong in a reference" in err
+    assert "digest algorithm" not in err
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        f"user:{PASSWORD}@host.example/x:v1",
+        f"user:{PASSWORD}@host.example:5000/x/y@sha256:{'a' * 64}",
+        f"https://user:{PASSWORD}@ghcr.io/x",
+        f"user:{PASSWORD}@alpine",  # no '/': could be name:tag@digest, so only masked
+        f"user:{PASSWORD}@host:5000",
+        f"user:p@{PASSWORD}@alpine",  # a password holding '@'
+        f"user:p/{PASSWORD}@host.example",  # a password holding '/'
+        f"user:p/{PASSWORD}@host.example/x",
+        f"user:{PASSWORD} x@host",  # bad characters too
+    ],
+)
+def test_reference_errors_never_hold_the_password(text: str) -> None:
+    with pytest.raises(InvalidReferenceError) as ei:
+        Reference.parse(text)
+    assert PASSWORD not in str(ei.value)
+    assert "invalid reference" in str(ei.value)
+    assert PASSWORD not in str(ei.value.__cause__ or "")
+
+
+def test_plain_references_with_at_and_colon_still_parse() -> None:
+    d = "sha256:" + "b" * 64
+    assert Reference.parse(f"alpine:3.20@{d}").tag == "3.20"
+    assert str(Reference.parse(f"localhost:5000/x/y@{d}").digest) == d
+
+
+# --- 10: a tarball in a missing directory ------------------------------------------------
+
+
+def test_a_tarball_in_a_missing_directory_names_the_destination(
+    registry: Registry, published: Published, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dest = tmp_path / "missing" / "x.tar"
+    code, _, err = pull(capsys, f"{registry.host}/test/small:v1", str(dest), "--no-cache")
+    assert code == 1, err
+    assert os.path.realpath(dest) in err
+    assert ".tmp" not in err and ".tarball." not in err
+    assert not dest.parent.exists()
