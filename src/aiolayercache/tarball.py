@@ -3,8 +3,10 @@
 Reading indexes the archive once and serves each member as a byte range of
 the archive file, verified as it streams; member names from ``manifest.json``
 that are absolute, contain ``..`` or are missing are refused with a typed
-error naming them. Writing streams every blob into one temp file next to the
-destination (no whole-image buffering) and renames it into place at the end.
+error naming them. Each member is hashed once however often it is listed, and
+more than :data:`MAX_ARCHIVE_IMAGES` images or :data:`MAX_IMAGE_LAYERS` layers
+an image are refused. Writing streams every blob into one temp file next to
+the destination (no whole-image buffering) and renames it into place at the end.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from ._hash import Hash
 from ._protocols import Image, Layer
 from ._tarball_write import kind as _kind
 from ._tarball_write import write
-from ._types import MAX_DOCUMENT_BYTES, Descriptor, MediaType
+from ._types import MAX_DOCUMENT_BYTES, ConfigFile, Descriptor, MediaType
 from .streams import (
     CHUNK_SIZE,
     ChunkStream,
@@ -35,7 +37,20 @@ from .streams import (
     read_all,
 )
 
-__all__ = ["TarballError", "image", "images", "layer_from_file", "write"]
+__all__ = [
+    "MAX_ARCHIVE_IMAGES",
+    "MAX_IMAGE_LAYERS",
+    "TarballError",
+    "image",
+    "images",
+    "layer_from_file",
+    "write",
+]
+
+# Caps on what one manifest.json may list (docs/DECISIONS.md): Docker chains at most 125
+# layers (moby layer_store.go maxLayerDepth), and reading an archive costs work per listing.
+MAX_ARCHIVE_IMAGES = 1000
+MAX_IMAGE_LAYERS = 1000
 
 
 class TarballError(AioLayerCacheError):
@@ -204,9 +219,13 @@ def _index_archive(path: str) -> dict[str, _Member]:
 
 
 class _Archive:
+    """One archive's members, and what was learnt of each: hashed or parsed once."""
+
     def __init__(self, path: str, members: dict[str, _Member]) -> None:
         self.path = path
         self.members = members
+        self._layers: dict[_Member, tuple[Hash, str]] = {}
+        self._configs: dict[_Member, tuple[bytes, ConfigFile]] = {}
 
     def member(self, name: object) -> _Member:
         safe = _safe_name(name, self.path)
@@ -220,6 +239,29 @@ class _Archive:
         if m.size > cap:
             raise TarballError(f"{self.path}: member {name!r} is over the {cap}-byte cap")
         return await read_all(await _RangeStream.open(self.path, m.offset, m.size))
+
+    async def layer(self, name: object) -> tuple[_Member, Hash, str]:
+        """The member ``name``, its digest and its kind; hashed on the first ask only."""
+        m = self.member(name)
+        known = self._layers.get(m)
+        if known is None:
+            head = await read_all_head(await _RangeStream.open(self.path, m.offset, m.size))
+            digest, _ = await hash_stream(await _RangeStream.open(self.path, m.offset, m.size))
+            known = self._layers[m] = (digest, _kind(head))
+        return m, *known
+
+    async def config(self, name: object) -> tuple[bytes, ConfigFile]:
+        """The config member ``name``, raw and parsed; read on the first ask only."""
+        m = self.member(name)
+        known = self._configs.get(m)
+        if known is None:
+            raw = await self.read(name)
+            try:
+                parsed = ConfigFile.parse(raw)
+            except ManifestError as exc:
+                raise ManifestError(f"{self.path}: {name!r}: {exc}") from exc
+            known = self._configs[m] = (raw, parsed)
+        return known
 
 
 class _TarballImage(partial._PartialImage):
@@ -236,6 +278,11 @@ async def images(path: str | os.PathLike[str]) -> list[Image]:
     Each has a ``repo_tags`` attribute. Layers are hashed once here, to build
     the manifest (an OCI manifest; plain tar layers keep their bytes and use
     the uncompressed layer media type).
+
+    :raises TarballError: not an archive, a member named unsafely or missing,
+        or more images or layers than the caps.
+    :raises ManifestError: malformed ``manifest.json`` or config, or a config
+        whose ``rootfs.diff_ids`` do not match the layers in number.
     """
     p = os.fspath(path)
     archive = _Archive(p, await anyio.to_thread.run_sync(_index_archive, p))
@@ -246,18 +293,30 @@ async def images(path: str | os.PathLike[str]) -> list[Image]:
         raise ManifestError(f"{p}: manifest.json is not valid JSON") from exc
     if not isinstance(entries, list):
         raise ManifestError(f"{p}: manifest.json is not a list")
+    if len(entries) > MAX_ARCHIVE_IMAGES:
+        raise TarballError(
+            f"{p}: manifest.json lists {len(entries)} images, over the cap of {MAX_ARCHIVE_IMAGES}"
+        )
     out: list[Image] = []
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or not isinstance(entry.get("Layers"), list):
             raise ManifestError(f"{p}: manifest.json entry {i} needs 'Config' and 'Layers'")
-        raw_config = await archive.read(entry.get("Config"))
+        names = entry["Layers"]
+        if len(names) > MAX_IMAGE_LAYERS:
+            raise TarballError(
+                f"{p}: manifest.json entry {i} lists {len(names)} layers, over the cap of "
+                f"{MAX_IMAGE_LAYERS} an image"
+            )
+        raw_config, config = await archive.config(entry.get("Config"))
+        if len(config.rootfs.diff_ids) != len(names):
+            raise ManifestError(
+                f"{p}: manifest.json entry {i}: config {entry.get('Config')!r} lists "
+                f"{len(config.rootfs.diff_ids)} diff_ids for {len(names)} layers"
+            )
         blobs: dict[Hash, _Member] = {}
         layers = []
-        for name in entry["Layers"]:
-            m = archive.member(name)
-            head = await read_all_head(await _RangeStream.open(p, m.offset, m.size))
-            digest, _ = await hash_stream(await _RangeStream.open(p, m.offset, m.size))
-            kind = _kind(head)
+        for name in names:
+            m, digest, kind = await archive.layer(name)
             mt = {
                 "gzip": MediaType.OCI_LAYER,
                 "zstd": MediaType.OCI_LAYER_ZSTD,
