@@ -1,7 +1,8 @@
-"""Issue 10, defect 6: hostile docker archives.
+"""Issue 10, defects 6 and 8: hostile docker archives, deep and repetitive index trees.
 
-Archives are real files built here; the work is counted as the bytes this
-process reads (``/proc/self/io``), not timed.
+Archives and layouts are real files built here. Work is counted, not timed:
+as the bytes this process reads (``/proc/self/io``), or as the manifest
+fetches and blob opens of a counting source (:class:`Store`).
 """
 
 from __future__ import annotations
@@ -12,22 +13,36 @@ import json
 import os
 import random as _random
 import tarfile
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
+from anyio.abc import ByteReceiveStream
 
 from aiolayercache import (
+    Descriptor,
     Hash,
+    ImageIndex,
     ManifestError,
+    MediaType,
+    ValidationError,
+    cache,
+    layout,
+    mutate,
+    partial,
+    random,
     tarball,
     validate,
 )
+from aiolayercache._types import MAX_INDEX_DEPTH
+from aiolayercache.streams import BytesStream, read_all
 from aiolayercache.tarball import TarballError
 
 pytestmark = pytest.mark.anyio
 
 KIB = 1024
+OCI_INDEX = MediaType.OCI_IMAGE_INDEX
 
 
 # --- 6: a docker archive whose manifest.json repeats one layer ------------------------
@@ -44,12 +59,8 @@ def _layer_tar(size: int, seed: int) -> bytes:
 
 
 def _config(diff_ids: list[str]) -> bytes:
-    doc = {
-        "architecture": "amd64",
-        "os": "linux",
-        "rootfs": {"type": "layers", "diff_ids": diff_ids},
-    }
-    return json.dumps(doc).encode()
+    rootfs = {"type": "layers", "diff_ids": diff_ids}
+    return json.dumps({"architecture": "amd64", "os": "linux", "rootfs": rootfs}).encode()
 
 
 def _archive(path: Path, members: dict[str, bytes], entries: list[dict[str, Any]]) -> Path:
@@ -122,3 +133,169 @@ async def test_6_diff_ids_that_do_not_match_the_layers_are_an_error(
     path = _repeated_layer_archive(tmp_path / "odd.tar", layers, diff_ids=diff_ids)
     with pytest.raises(ManifestError, match=rf"odd\.tar.*config\.json.*{diff_ids} diff_ids"):
         await tarball.images(path)
+
+
+# --- 8: deep and repetitive index trees --------------------------------------------------
+
+
+class Store:
+    """Blobs by digest, as a layout keeps them; counts every manifest fetch and blob open."""
+
+    def __init__(self) -> None:
+        self.blobs: dict[Hash, bytes] = {}
+        self.fetches: Counter[Hash] = Counter()
+        self.opens: Counter[Hash] = Counter()
+
+    def add(self, data: bytes, media_type: str) -> Descriptor:
+        h = Hash.of(data)
+        self.blobs[h] = data
+        return Descriptor(media_type=media_type, size=len(data), digest=h)
+
+    async def add_image(self, img: Any) -> Descriptor:
+        m = await img.manifest()
+        self.add(await img.raw_config_file(), m.config.media_type)
+        for layer in await img.layers():
+            self.add(await read_all(await layer.compressed()), await layer.media_type())
+        return self.add(await img.raw_manifest(), await img.media_type())
+
+    def add_index(self, children: list[Descriptor], name: str = "") -> Descriptor:
+        doc: dict[str, Any] = {
+            "schemaVersion": 2,
+            "mediaType": str(OCI_INDEX),
+            "manifests": [json.loads(d.to_json()) for d in children],
+        }
+        if name:
+            doc["annotations"] = {"name": name}
+        return self.add(json.dumps(doc).encode(), OCI_INDEX)
+
+    async def fetch_manifest(self, desc: Descriptor) -> bytes:
+        self.fetches[desc.digest] += 1
+        return self.blobs[desc.digest]
+
+    async def open_blob(self, desc: Descriptor) -> ByteReceiveStream:
+        self.opens[desc.digest] += 1
+        return BytesStream(self.blobs[desc.digest])
+
+    def index(self, top: Descriptor) -> ImageIndex:
+        return partial.index(self.blobs[top.digest], self.fetch_manifest, self.open_blob)
+
+    def write_layout(self, root: Path, top: Descriptor) -> Path:
+        (root / "blobs" / "sha256").mkdir(parents=True)
+        for h, data in self.blobs.items():
+            (root / "blobs" / h.algorithm / h.hex).write_bytes(data)
+        (root / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+        named = json.loads(top.to_json()) | {"annotations": {layout.REF_NAME: "deep"}}
+        index = {"schemaVersion": 2, "mediaType": str(OCI_INDEX), "manifests": [named]}
+        (root / "index.json").write_text(json.dumps(index))
+        return root
+
+
+async def _nested(store: Store, levels: int) -> Descriptor:
+    """``levels`` indexes, each the only child of the one above; an image at the bottom."""
+    desc = await store.add_image(
+        random.image(4 * KIB, 2, media_type=MediaType.OCI_MANIFEST_SCHEMA1)
+    )
+    for _ in range(levels):
+        desc = store.add_index([desc])
+    return desc
+
+
+async def _deep_layout(tmp_path: Path, levels: int) -> Path:
+    """A layout whose ``index.json`` names the top of ``levels`` nested indexes "deep"."""
+    store = Store()
+    return store.write_layout(tmp_path / f"deep{levels}", await _nested(store, levels))
+
+
+async def _top(root: Path) -> ImageIndex:
+    """The index ``index.json`` names "deep" (one level below ``index.json``)."""
+    ii = await layout.index(root)
+    (d,) = (await ii.index_manifest()).manifests
+    return await ii.image_index(d.digest)
+
+
+async def _walk_all(ii: ImageIndex) -> None:
+    """Follow a chain of single children down by hand, as a reader would."""
+    while True:
+        (d,) = (await ii.index_manifest()).manifests
+        if d.media_type != OCI_INDEX:
+            await ii.image(d.digest)
+            return
+        ii = await ii.image_index(d.digest)
+
+
+async def test_8_at_the_cap_every_walker_works(tmp_path: Path) -> None:
+    # index.json, then MAX_INDEX_DEPTH nested indexes below it, then the image.
+    root = await _deep_layout(tmp_path, MAX_INDEX_DEPTH)
+    ii = await layout.index(root)
+    await _walk_all(ii)
+    await validate.index(ii)
+    stats = await cache.prefetch(await layout.index(root), cache.MemoryCache())
+    assert stats.layers == 2
+    # The top of the chain written as an entry of another layout: as deep there.
+    await layout.write(tmp_path / "copy", await _top(root), ref_name="c")
+    await validate.index(await layout.index(tmp_path / "copy"))
+    oci = await layout.write(tmp_path / "oci", await mutate.to_oci(await _top(root)), ref_name="o")
+    assert oci.media_type == OCI_INDEX
+    await validate.index(await layout.index(tmp_path / "oci"))
+
+
+@pytest.mark.parametrize("levels", [MAX_INDEX_DEPTH + 1, 1500])
+async def test_8_past_the_cap_every_walker_raises_a_typed_error(
+    tmp_path: Path, levels: int
+) -> None:
+    root = await _deep_layout(tmp_path, levels)
+    deep = rf"nested {MAX_INDEX_DEPTH + 1} levels deep.*cap of {MAX_INDEX_DEPTH}"
+    with pytest.raises(ManifestError, match=deep):
+        await _walk_all(await layout.index(root))
+    with pytest.raises(ValidationError, match=deep):
+        await validate.index(await layout.index(root))
+    with pytest.raises(ExceptionGroup) as eg:
+        await cache.prefetch(await layout.index(root), cache.MemoryCache())
+    assert eg.group_contains(ManifestError, match=deep)
+    with pytest.raises(ManifestError, match=deep):
+        await layout.write(tmp_path / "copy", await layout.index(root), ref_name="c")
+    assert not (tmp_path / "copy" / "index.json").exists()
+    with pytest.raises(ManifestError, match=deep):
+        await layout.write(tmp_path / "oci", await mutate.to_oci(await layout.index(root)))
+    assert not (tmp_path / "oci" / "index.json").exists()
+
+
+async def _walkers(store: Store, top: Descriptor, tmp_path: Path) -> dict[str, Counter[Hash]]:
+    """Fetch counts per manifest for each walker over the index ``top`` of ``store``."""
+    out: dict[str, Counter[Hash]] = {}
+
+    async def count(name: str, work: Any) -> None:
+        store.fetches.clear()
+        store.opens.clear()
+        await work
+        out[name] = store.fetches + store.opens
+
+    await count("validate", validate.index(store.index(top)))
+    await count("prefetch", cache.prefetch(store.index(top), cache.MemoryCache()))
+    await count("write", layout.write(tmp_path / "w", store.index(top), durability="fast"))
+    oci = await mutate.to_oci(store.index(top))
+    await count("to_oci + write", layout.write(tmp_path / "o", oci, durability="fast"))
+    return out
+
+
+async def test_8_a_child_listed_20000_times_is_walked_once(tmp_path: Path) -> None:
+    store = Store()
+    child = await store.add_image(random.image(KIB, 1, media_type=MediaType.OCI_MANIFEST_SCHEMA1))
+    top = store.add_index([child] * 20_000)
+    assert len(store.blobs[top.digest]) < 4 * 1024 * 1024
+    for name, counts in (await _walkers(store, top, tmp_path)).items():
+        # A few reads of each blob (compressed, uncompressed), not one per listing.
+        assert max(counts.values()) <= 4, (name, counts.most_common(2))
+
+
+async def test_8_a_lattice_of_shared_children_is_walked_once_per_node(tmp_path: Path) -> None:
+    # Two distinct indexes a level, each listing both of the level below: 2**12 paths
+    # from the top to the image, 26 distinct manifests.
+    store = Store()
+    img = await store.add_image(random.image(KIB, 1, media_type=MediaType.OCI_MANIFEST_SCHEMA1))
+    level = [img]
+    for i in range(12):
+        level = [store.add_index(level, f"a{i}"), store.add_index(level, f"b{i}")]
+    top = store.add_index(level)
+    for name, counts in (await _walkers(store, top, tmp_path)).items():
+        assert max(counts.values()) <= 4, (name, counts.most_common(2))

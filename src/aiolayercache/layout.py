@@ -267,12 +267,19 @@ class _Writer:
         tg.start_soon(self.data, desc, raw)
         return desc
 
-    async def index(self, tg: anyio.abc.TaskGroup, ii: ImageIndex) -> Descriptor:
+    async def index(
+        self, tg: anyio.abc.TaskGroup, ii: ImageIndex, depth: int = 0, seen: set[Hash] | None = None
+    ) -> Descriptor:
         raw = await ii.raw_manifest()
         desc = Descriptor(media_type=await ii.media_type(), size=len(raw), digest=await ii.digest())
+        seen = set() if seen is None else seen
         for child in (await ii.index_manifest()).manifests:
+            if child.digest in seen:
+                continue  # the same bytes however often the tree lists them: written once
+            seen.add(child.digest)
             if is_index_type(child.media_type):
-                await self.index(tg, await ii.image_index(child.digest))
+                nested = partial._nested_depth(depth, desc.digest, child.digest)
+                await self.index(tg, await ii.image_index(child.digest), nested, seen)
             else:
                 await self.image(tg, await ii.image(child.digest))
         tg.start_soon(self.data, desc, raw)

@@ -17,6 +17,7 @@ import anyio
 from ._hash import Hash
 from ._protocols import Image, ImageIndex, Layer
 from ._types import ConfigFile, IndexManifest, Manifest, MediaType, is_index_type
+from .partial import _nested_depth
 
 __all__ = ["to_oci"]
 
@@ -95,9 +96,15 @@ class _OCIImage:
         return layer
 
 
+# Converted children by (digest, is an index), shared by a whole tree: each once.
+_Memo = dict[tuple[Hash, bool], Any]
+
+
 class _OCIIndex:
-    def __init__(self, inner: ImageIndex) -> None:
+    def __init__(self, inner: ImageIndex, depth: int = 0, memo: _Memo | None = None) -> None:
         self._inner = inner
+        self._depth = depth
+        self._memo: _Memo = {} if memo is None else memo
         self._raw: bytes | None = None
         self._children: dict[Hash, Image | ImageIndex] = {}
         self._lock = anyio.Lock()
@@ -112,12 +119,17 @@ class _OCIIndex:
                 doc["mediaType"] = str(MediaType.OCI_IMAGE_INDEX)
                 for d in doc.get("manifests", []):
                     h = Hash.parse(d["digest"])
-                    child: Image | ImageIndex
-                    if is_index_type(d.get("mediaType")):
-                        child = await to_oci(await self._inner.image_index(h))
-                    else:
-                        child = await to_oci(await self._inner.image(h))
-                    new = await child.digest()
+                    nested = is_index_type(d.get("mediaType"))
+                    child: Image | ImageIndex | None = self._memo.get((h, nested))
+                    if child is None:
+                        if nested:
+                            depth = _nested_depth(self._depth, await self._inner.digest(), h)
+                            inner = await self._inner.image_index(h)
+                            child = _OCIIndex(inner, depth, self._memo)
+                        else:
+                            child = await to_oci(await self._inner.image(h))
+                    new = await child.digest()  # an index builds here, before it is shared
+                    self._memo[h, nested] = child
                     self._children[new] = child
                     d["mediaType"] = await child.media_type()
                     d["digest"] = str(new)
