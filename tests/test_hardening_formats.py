@@ -1,8 +1,10 @@
-"""Issue 10, defects 6 and 8: hostile docker archives, deep and repetitive index trees.
+"""Issue 10, defects 6, 8 and 9: hostile archives, deep index trees, layouts skopeo reads.
 
 Archives and layouts are real files built here. Work is counted, not timed:
 as the bytes this process reads (``/proc/self/io``), or as the manifest
-fetches and blob opens of a counting source (:class:`Store`).
+fetches and blob opens of a counting source (:class:`Store`). Layouts are
+checked with the real skopeo, and the README's pull runs against the real
+registry.
 """
 
 from __future__ import annotations
@@ -12,11 +14,14 @@ import io
 import json
 import os
 import random as _random
+import re
+import shutil
 import tarfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from anyio.abc import ByteReceiveStream
 
@@ -299,3 +304,85 @@ async def test_8_a_lattice_of_shared_children_is_walked_once_per_node(tmp_path: 
     top = store.add_index(level)
     for name, counts in (await _walkers(store, top, tmp_path)).items():
         assert max(counts.values()) <= 4, (name, counts.most_common(2))
+
+
+# --- 9: layouts of Docker-typed images that skopeo reads --------------------------------
+
+
+async def _skopeo(*args: str) -> tuple[int, str]:
+    proc = await anyio.run_process(["skopeo", "--insecure-policy", *args], check=False)
+    return proc.returncode, (proc.stdout + proc.stderr).decode(errors="replace")
+
+
+@pytest.fixture
+def skopeo() -> None:
+    if shutil.which("skopeo") is None:
+        if os.environ.get("CI"):
+            pytest.fail("skopeo is missing in CI: .ci/run must install it")
+        pytest.skip("skopeo is not installed (apt-get install skopeo)")
+
+
+async def test_9_layout_write_oci_true_makes_a_layout_skopeo_reads(
+    tmp_path: Path, skopeo: None
+) -> None:
+    img = random.image(64 * KIB, 2, seed=9)
+    assert await img.media_type() == MediaType.DOCKER_MANIFEST_SCHEMA2
+    d = tmp_path / "d"
+    desc = await layout.write(d, img, ref_name="v1", oci=True)
+    assert desc.media_type == MediaType.OCI_MANIFEST_SCHEMA1
+    rc, out = await _skopeo("inspect", f"oci:{d}:v1")
+    assert rc == 0, out
+    got = json.loads(out)
+    assert got["Digest"] == str(desc.digest)
+    assert got["Layers"] == [str(x.digest) for x in (await img.manifest()).layers]
+    back = await layout.image(d, "v1")
+    await validate.image(back)
+    assert json.loads(await back.raw_config_file()) == json.loads(await img.raw_config_file())
+
+
+async def test_9_without_oci_the_docker_types_are_kept(tmp_path: Path) -> None:
+    img = random.image(16 * KIB, 1, seed=10)
+    desc = await layout.write(tmp_path / "d", img, ref_name="v1")
+    assert desc.media_type == MediaType.DOCKER_MANIFEST_SCHEMA2
+    assert desc.digest == await img.digest()
+    index_json = json.loads((tmp_path / "d" / "index.json").read_text())
+    assert index_json["manifests"][0]["mediaType"] == MediaType.DOCKER_MANIFEST_SCHEMA2
+
+
+async def test_9_write_all_oci_true_converts_a_docker_manifest_list(tmp_path: Path) -> None:
+    docker = random.index_of(
+        [random.image(8 * KIB, 1, seed=11), random.image(8 * KIB, 1, seed=12)],
+        media_type=MediaType.DOCKER_MANIFEST_LIST,
+        platforms=["linux/amd64", "linux/arm64"],
+    )
+    img = random.image(8 * KIB, 1, seed=13)
+    d = tmp_path / "d"
+    descs = await layout.write_all(d, [(docker, "list"), (img, "one")], oci=True)
+    assert [x.media_type for x in descs] == [OCI_INDEX, MediaType.OCI_MANIFEST_SCHEMA1]
+    ii = await layout.index(d)
+    await validate.index(ii)
+    top = await ii.image_index(descs[0].digest)
+    for child in (await top.index_manifest()).manifests:
+        assert child.media_type == MediaType.OCI_MANIFEST_SCHEMA1
+        m = await (await top.image(child.digest)).manifest()
+        assert m.config.media_type == MediaType.OCI_CONFIG_JSON
+        assert {x.media_type for x in m.layers} == {MediaType.OCI_LAYER}
+
+
+async def test_9_the_readme_tour_pull_makes_a_layout_skopeo_reads(
+    tmp_path: Path, skopeo: None, registry: Any, published: Any
+) -> None:
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    (example,) = [b for b in blocks if "async def pull(" in b]
+    ns: dict[str, Any] = {}
+    exec(example, ns)
+    dest = tmp_path / "dest"
+    fs = cache.FilesystemCache(tmp_path / "cache")
+    await ns["pull"](f"{registry.host}/test/small:v1", str(dest), fs)
+    assert await published.small.media_type() == MediaType.DOCKER_MANIFEST_SCHEMA2
+    rc, out = await _skopeo("inspect", f"oci:{dest}:latest")
+    assert rc == 0, out
+    assert json.loads(out)["Layers"] == [
+        str(x.digest) for x in (await published.small.manifest()).layers
+    ]

@@ -20,7 +20,7 @@ import anyio
 import anyio.to_thread
 from anyio.abc import ByteReceiveStream
 
-from . import partial
+from . import mutate, partial
 from ._atomic import AtomicFile, fsync_dir
 from ._errors import AioLayerCacheError, DigestMismatchError, ManifestError, first_error
 from ._hash import Hash
@@ -313,6 +313,7 @@ async def write(
     ref_name: str | None = None,
     concurrency: int = 8,
     durability: Literal["full", "fast"] = "full",
+    oci: bool = False,
 ) -> Descriptor:
     """Write ``target`` (an image, or an index tree) into the layout at ``path``.
 
@@ -321,9 +322,15 @@ async def write(
     ``target`` (annotated with ``ref_name`` when given, replacing any entry
     with that name). Blobs are written ``concurrency`` at a time, each
     atomically; ``index.json`` is replaced last. Returns the new descriptor.
+
+    With ``oci=True`` Docker manifests and manifest lists are written with OCI
+    media types (:func:`aiolayercache.mutate.to_oci`), as ``skopeo copy`` does
+    into a layout: skopeo and umoci find only OCI-typed images in one. Layers
+    and configs are unchanged; a converted manifest has a new digest, which
+    the returned descriptor carries. By default manifests are kept as they are.
     """
     (desc,) = await write_all(
-        path, [(target, ref_name)], concurrency=concurrency, durability=durability
+        path, [(target, ref_name)], concurrency=concurrency, durability=durability, oci=oci
     )
     return desc
 
@@ -334,13 +341,17 @@ async def write_all(
     *,
     concurrency: int = 8,
     durability: Literal["full", "fast"] = "full",
+    oci: bool = False,
 ) -> list[Descriptor]:
     """Write several images or indexes into one layout, with one ``index.json`` update.
 
     ``targets`` pairs each image or index with its ref name (or None). All
     blobs of all targets are written in parallel (shared ones once), then
-    ``index.json`` is replaced once, last.
+    ``index.json`` is replaced once, last. ``oci=True`` converts each target
+    to OCI media types first, as :func:`write` does.
     """
+    if oci:
+        targets = [(await mutate.to_oci(t), name) for t, name in targets]
     root = await anyio.to_thread.run_sync(os.path.realpath, path)
     try:
         existing = await anyio.to_thread.run_sync(_prepare, root)

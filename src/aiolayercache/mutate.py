@@ -1,16 +1,17 @@
-"""Changing images: ``to_oci`` rewrites Docker schema 2 manifests with OCI media types.
+"""Changing images: :func:`to_oci` rewrites Docker schema 2 manifests with OCI media types.
 
 The OCI layout reader of containers/image (skopeo 1.9, podman) only finds
 OCI manifests and indexes in ``index.json``; ``skopeo copy docker://… oci:…``
-converts for that reason, and so does ``to_oci``. Layer and config bytes are
-unchanged (a Docker gzip layer is an OCI gzip layer); the manifest bytes, and
-so the image digest, change.
+converts for that reason, and so does ``to_oci`` (and ``layout.write(...,
+oci=True)``, which uses it). Layer and config bytes are unchanged (a Docker
+gzip layer is an OCI gzip layer); the manifest bytes, and so the image
+digest, change.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, overload
 
 import anyio
 
@@ -167,8 +168,24 @@ class _OCIIndex:
         return child  # type: ignore[return-value]
 
 
-async def to_oci(target: Image | ImageIndex) -> Any:
-    """``target`` with OCI media types (unchanged if it has them already)."""
+@overload
+async def to_oci(target: Image) -> Image: ...
+@overload
+async def to_oci(target: ImageIndex) -> ImageIndex: ...
+async def to_oci(target: Image | ImageIndex) -> Image | ImageIndex:
+    """``target`` with OCI media types, for an OCI layout that skopeo and umoci read.
+
+    An image with a Docker schema 2 manifest gets an OCI manifest (config and
+    layer media types mapped to their OCI names; the bytes of both are
+    unchanged) and so a new digest; an OCI image is returned as it is. An
+    index becomes an OCI index whose children, recursively, are converted
+    (each distinct child once; nesting is capped as for any walk, see
+    :data:`~aiolayercache._types.MAX_INDEX_DEPTH`) when it is first asked
+    for its manifest or digest.
+
+    ``await layout.write(d, await mutate.to_oci(img))`` is what
+    ``layout.write(d, img, oci=True)`` does.
+    """
     media_type = await target.media_type()
     if isinstance(target, ImageIndex) and not isinstance(target, Image):
         return _OCIIndex(target)  # even an OCI index may hold Docker manifests
