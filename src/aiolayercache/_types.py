@@ -25,6 +25,10 @@ __all__ = [
 # Documents bigger than this are refused before parsing (RELIABILITY.md row 13).
 MAX_DOCUMENT_BYTES = 4 * 1024 * 1024
 
+# Indexes nested deeper than this below the one a walk starts from are refused with a
+# ManifestError (partial._nested_depth enforces it; docs/DECISIONS.md says why 32).
+MAX_INDEX_DEPTH = 32
+
 
 class MediaType(StrEnum):
     """OCI and Docker v2 media types (the names follow go-containerregistry's ``types``)."""

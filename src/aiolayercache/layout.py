@@ -22,7 +22,7 @@ import anyio
 import anyio.to_thread
 from anyio.abc import ByteReceiveStream
 
-from . import partial
+from . import mutate, partial
 from ._atomic import AtomicFile, fsync_dir, sweep_temps
 from ._errors import AioLayerCacheError, DigestMismatchError, ManifestError, first_error
 from ._hash import Hash
@@ -286,12 +286,19 @@ class _Writer:
         tg.start_soon(self.data, desc, raw)
         return desc
 
-    async def index(self, tg: anyio.abc.TaskGroup, ii: ImageIndex) -> Descriptor:
+    async def index(
+        self, tg: anyio.abc.TaskGroup, ii: ImageIndex, depth: int = 0, seen: set[Hash] | None = None
+    ) -> Descriptor:
         raw = await ii.raw_manifest()
         desc = Descriptor(media_type=await ii.media_type(), size=len(raw), digest=await ii.digest())
+        seen = set() if seen is None else seen
         for child in (await ii.index_manifest()).manifests:
+            if child.digest in seen:
+                continue  # the same bytes however often the tree lists them: written once
+            seen.add(child.digest)
             if is_index_type(child.media_type):
-                await self.index(tg, await ii.image_index(child.digest))
+                nested = partial._nested_depth(depth, desc.digest, child.digest)
+                await self.index(tg, await ii.image_index(child.digest), nested, seen)
             else:
                 await self.image(tg, await ii.image(child.digest))
         tg.start_soon(self.data, desc, raw)
@@ -334,6 +341,7 @@ async def write(
     ref_name: str | None = None,
     concurrency: int = 8,
     durability: Literal["full", "fast"] = "full",
+    oci: bool = False,
 ) -> Descriptor:
     """Write ``target`` (an image, or an index tree) into the layout at ``path``.
 
@@ -342,9 +350,15 @@ async def write(
     ``target`` (annotated with ``ref_name`` when given, replacing any entry
     with that name). Blobs are written ``concurrency`` at a time, each
     atomically; ``index.json`` is replaced last. Returns the new descriptor.
+
+    With ``oci=True`` Docker manifests and manifest lists are written with OCI
+    media types (:func:`aiolayercache.mutate.to_oci`), as ``skopeo copy`` does
+    into a layout: skopeo and umoci find only OCI-typed images in one. Layers
+    and configs are unchanged; a converted manifest has a new digest, which
+    the returned descriptor carries. By default manifests are kept as they are.
     """
     (desc,) = await write_all(
-        path, [(target, ref_name)], concurrency=concurrency, durability=durability
+        path, [(target, ref_name)], concurrency=concurrency, durability=durability, oci=oci
     )
     return desc
 
@@ -355,13 +369,17 @@ async def write_all(
     *,
     concurrency: int = 8,
     durability: Literal["full", "fast"] = "full",
+    oci: bool = False,
 ) -> list[Descriptor]:
     """Write several images or indexes into one layout, with one ``index.json`` update.
 
     ``targets`` pairs each image or index with its ref name (or None). All
     blobs of all targets are written in parallel (shared ones once), then
-    ``index.json`` is replaced once, last.
+    ``index.json`` is replaced once, last. ``oci=True`` converts each target
+    to OCI media types first, as :func:`write` does.
     """
+    if oci:
+        targets = [(await mutate.to_oci(t), name) for t, name in targets]
     root = await anyio.to_thread.run_sync(os.path.realpath, path)
     try:
         existing = await anyio.to_thread.run_sync(_prepare, root)

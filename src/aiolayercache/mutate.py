@@ -1,22 +1,24 @@
-"""Changing images: ``to_oci`` rewrites Docker schema 2 manifests with OCI media types.
+"""Changing images: :func:`to_oci` rewrites Docker schema 2 manifests with OCI media types.
 
 The OCI layout reader of containers/image (skopeo 1.9, podman) only finds
 OCI manifests and indexes in ``index.json``; ``skopeo copy docker://… oci:…``
-converts for that reason, and so does ``to_oci``. Layer and config bytes are
-unchanged (a Docker gzip layer is an OCI gzip layer); the manifest bytes, and
-so the image digest, change.
+converts for that reason, and so does ``to_oci`` (and ``layout.write(...,
+oci=True)``, which uses it). Layer and config bytes are unchanged (a Docker
+gzip layer is an OCI gzip layer); the manifest bytes, and so the image
+digest, change.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, overload
 
 import anyio
 
 from ._hash import Hash
 from ._protocols import Image, ImageIndex, Layer
 from ._types import ConfigFile, IndexManifest, Manifest, MediaType, is_index_type
+from .partial import _nested_depth
 
 __all__ = ["to_oci"]
 
@@ -95,9 +97,15 @@ class _OCIImage:
         return layer
 
 
+# Converted children by (digest, is an index), shared by a whole tree: each once.
+_Memo = dict[tuple[Hash, bool], Any]
+
+
 class _OCIIndex:
-    def __init__(self, inner: ImageIndex) -> None:
+    def __init__(self, inner: ImageIndex, depth: int = 0, memo: _Memo | None = None) -> None:
         self._inner = inner
+        self._depth = depth
+        self._memo: _Memo = {} if memo is None else memo
         self._raw: bytes | None = None
         self._children: dict[Hash, Image | ImageIndex] = {}
         self._lock = anyio.Lock()
@@ -112,12 +120,17 @@ class _OCIIndex:
                 doc["mediaType"] = str(MediaType.OCI_IMAGE_INDEX)
                 for d in doc.get("manifests", []):
                     h = Hash.parse(d["digest"])
-                    child: Image | ImageIndex
-                    if is_index_type(d.get("mediaType")):
-                        child = await to_oci(await self._inner.image_index(h))
-                    else:
-                        child = await to_oci(await self._inner.image(h))
-                    new = await child.digest()
+                    nested = is_index_type(d.get("mediaType"))
+                    child: Image | ImageIndex | None = self._memo.get((h, nested))
+                    if child is None:
+                        if nested:
+                            depth = _nested_depth(self._depth, await self._inner.digest(), h)
+                            inner = await self._inner.image_index(h)
+                            child = _OCIIndex(inner, depth, self._memo)
+                        else:
+                            child = await to_oci(await self._inner.image(h))
+                    new = await child.digest()  # an index builds here, before it is shared
+                    self._memo[h, nested] = child
                     self._children[new] = child
                     d["mediaType"] = await child.media_type()
                     d["digest"] = str(new)
@@ -155,8 +168,24 @@ class _OCIIndex:
         return child  # type: ignore[return-value]
 
 
-async def to_oci(target: Image | ImageIndex) -> Any:
-    """``target`` with OCI media types (unchanged if it has them already)."""
+@overload
+async def to_oci(target: Image) -> Image: ...
+@overload
+async def to_oci(target: ImageIndex) -> ImageIndex: ...
+async def to_oci(target: Image | ImageIndex) -> Image | ImageIndex:
+    """``target`` with OCI media types, for an OCI layout that skopeo and umoci read.
+
+    An image with a Docker schema 2 manifest gets an OCI manifest (config and
+    layer media types mapped to their OCI names; the bytes of both are
+    unchanged) and so a new digest; an OCI image is returned as it is. An
+    index becomes an OCI index whose children, recursively, are converted
+    (each distinct child once; nesting is capped as for any walk, see
+    :data:`~aiolayercache._types.MAX_INDEX_DEPTH`) when it is first asked
+    for its manifest or digest.
+
+    ``await layout.write(d, await mutate.to_oci(img))`` is what
+    ``layout.write(d, img, oci=True)`` does.
+    """
     media_type = await target.media_type()
     if isinstance(target, ImageIndex) and not isinstance(target, Image):
         return _OCIIndex(target)  # even an OCI index may hold Docker manifests

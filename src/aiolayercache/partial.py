@@ -21,6 +21,7 @@ from ._hash import Hash
 from ._protocols import Image, ImageIndex, Layer
 from ._types import (
     MAX_DOCUMENT_BYTES,
+    MAX_INDEX_DEPTH,
     ConfigFile,
     Descriptor,
     IndexManifest,
@@ -334,8 +335,27 @@ def image(
     return _PartialImage(raw_manifest, open_blob, raw_config, media_type)
 
 
+def _nested_depth(depth: int, parent: object, child: Hash) -> int:
+    """The depth of index ``child`` of ``parent`` (at ``depth``), or a ManifestError past the cap.
+
+    The one check of :data:`MAX_INDEX_DEPTH`: every walk over an index tree
+    (reading, validating, prefetching, writing, converting) calls it before
+    it opens a nested index, so a deep tree is a typed error, never a
+    ``RecursionError``.
+    """
+    if depth >= MAX_INDEX_DEPTH:
+        raise ManifestError(
+            f"index {child} (child of index {parent}) is nested {depth + 1} levels deep, "
+            f"over the cap of {MAX_INDEX_DEPTH}"
+        )
+    return depth + 1
+
+
 class _PartialIndex:
-    """An ImageIndex from its raw manifest, a manifest fetcher and a blob opener."""
+    """An ImageIndex from its raw manifest, a manifest fetcher and a blob opener.
+
+    ``depth`` counts the indexes above this one since the index first read.
+    """
 
     def __init__(
         self,
@@ -343,7 +363,9 @@ class _PartialIndex:
         fetch_manifest: ManifestFetcher,
         open_blob: BlobOpener,
         media_type: str | None,
+        depth: int = 0,
     ) -> None:
+        self._depth = depth
         self._raw = bytes(raw_manifest)
         self._manifest = IndexManifest.parse(self._raw)
         self._digest = Hash.of(self._raw)
@@ -391,11 +413,12 @@ class _PartialIndex:
         return _PartialImage(raw, self._open_blob, None, mt)
 
     async def image_index(self, h: Hash) -> ImageIndex:
+        depth = _nested_depth(self._depth, self._digest, h)
         d, raw = await self._child(h)
         if is_image_type(d.media_type):
             raise ManifestError(f"child {h} of index {self._digest} is an image, not an index")
         mt = d.media_type if is_index_type(d.media_type) else None
-        return _PartialIndex(raw, self._fetch, self._open_blob, mt)
+        return _PartialIndex(raw, self._fetch, self._open_blob, mt, depth)
 
 
 def index(
@@ -407,6 +430,8 @@ def index(
 ) -> ImageIndex:
     """A full ImageIndex from a raw index, ``fetch_manifest(descriptor)`` and ``open_blob``.
 
-    Child manifests are checked against their digest before they are parsed.
+    Child manifests are checked against their digest before they are parsed;
+    ``image_index`` raises :class:`ManifestError` for an index nested more than
+    :data:`~aiolayercache._types.MAX_INDEX_DEPTH` levels below this one.
     """
     return _PartialIndex(raw_manifest, fetch_manifest, open_blob, media_type)

@@ -3,8 +3,10 @@
 Reading indexes the archive once and serves each member as a byte range of
 the archive file, verified as it streams; member names from ``manifest.json``
 that are absolute, contain ``..`` or are missing are refused with a typed
-error naming them. Writing streams every blob into one temp file next to the
-destination (no whole-image buffering) and renames it into place at the end.
+error naming them. Each member is hashed once however often it is listed, and
+more than :data:`MAX_ARCHIVE_IMAGES` images or :data:`MAX_IMAGE_LAYERS` layers
+an image are refused. Writing streams every blob into one temp file next to
+the destination (no whole-image buffering) and renames it into place at the end.
 """
 
 from __future__ import annotations
@@ -13,9 +15,7 @@ import json
 import os
 import posixpath
 import tarfile
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import aiofiles
 import anyio
@@ -23,34 +23,38 @@ import anyio.to_thread
 from anyio.abc import ByteReceiveStream
 
 from . import partial
-from ._atomic import AtomicFile
 from ._errors import AioLayerCacheError, ManifestError
 from ._hash import Hash
 from ._protocols import Image, Layer
-from ._types import MAX_DOCUMENT_BYTES, Descriptor, MediaType
+from ._tarball_write import kind as _kind
+from ._tarball_write import write
+from ._types import MAX_DOCUMENT_BYTES, ConfigFile, Descriptor, MediaType
 from .streams import (
     CHUNK_SIZE,
-    GZIP_MAGIC,
-    ZSTD_MAGIC,
     ChunkStream,
     VerifyingStream,
     hash_stream,
     read_all,
 )
 
-__all__ = ["TarballError", "image", "images", "layer_from_file", "write"]
+__all__ = [
+    "MAX_ARCHIVE_IMAGES",
+    "MAX_IMAGE_LAYERS",
+    "TarballError",
+    "image",
+    "images",
+    "layer_from_file",
+    "write",
+]
+
+# Caps on what one manifest.json may list (docs/DECISIONS.md): Docker chains at most 125
+# layers (moby layer_store.go maxLayerDepth), and reading an archive costs work per listing.
+MAX_ARCHIVE_IMAGES = 1000
+MAX_IMAGE_LAYERS = 1000
 
 
 class TarballError(AioLayerCacheError):
     """A tarball is malformed, names a member it lacks, or names one unsafely."""
-
-
-def _kind(head: bytes) -> str:
-    if head.startswith(GZIP_MAGIC):
-        return "gzip"
-    if head.startswith(ZSTD_MAGIC):
-        return "zstd"
-    return "tar"
 
 
 class _RangeStream(ChunkStream):
@@ -215,9 +219,13 @@ def _index_archive(path: str) -> dict[str, _Member]:
 
 
 class _Archive:
+    """One archive's members, and what was learnt of each: hashed or parsed once."""
+
     def __init__(self, path: str, members: dict[str, _Member]) -> None:
         self.path = path
         self.members = members
+        self._layers: dict[_Member, tuple[Hash, str]] = {}
+        self._configs: dict[_Member, tuple[bytes, ConfigFile]] = {}
 
     def member(self, name: object) -> _Member:
         safe = _safe_name(name, self.path)
@@ -231,6 +239,29 @@ class _Archive:
         if m.size > cap:
             raise TarballError(f"{self.path}: member {name!r} is over the {cap}-byte cap")
         return await read_all(await _RangeStream.open(self.path, m.offset, m.size))
+
+    async def layer(self, name: object) -> tuple[_Member, Hash, str]:
+        """The member ``name``, its digest and its kind; hashed on the first ask only."""
+        m = self.member(name)
+        known = self._layers.get(m)
+        if known is None:
+            head = await read_all_head(await _RangeStream.open(self.path, m.offset, m.size))
+            digest, _ = await hash_stream(await _RangeStream.open(self.path, m.offset, m.size))
+            known = self._layers[m] = (digest, _kind(head))
+        return m, *known
+
+    async def config(self, name: object) -> tuple[bytes, ConfigFile]:
+        """The config member ``name``, raw and parsed; read on the first ask only."""
+        m = self.member(name)
+        known = self._configs.get(m)
+        if known is None:
+            raw = await self.read(name)
+            try:
+                parsed = ConfigFile.parse(raw)
+            except ManifestError as exc:
+                raise ManifestError(f"{self.path}: {name!r}: {exc}") from exc
+            known = self._configs[m] = (raw, parsed)
+        return known
 
 
 class _TarballImage(partial._PartialImage):
@@ -247,6 +278,11 @@ async def images(path: str | os.PathLike[str]) -> list[Image]:
     Each has a ``repo_tags`` attribute. Layers are hashed once here, to build
     the manifest (an OCI manifest; plain tar layers keep their bytes and use
     the uncompressed layer media type).
+
+    :raises TarballError: not an archive, a member named unsafely or missing,
+        or more images or layers than the caps.
+    :raises ManifestError: malformed ``manifest.json`` or config, or a config
+        whose ``rootfs.diff_ids`` do not match the layers in number.
     """
     p = os.fspath(path)
     archive = _Archive(p, await anyio.to_thread.run_sync(_index_archive, p))
@@ -257,18 +293,30 @@ async def images(path: str | os.PathLike[str]) -> list[Image]:
         raise ManifestError(f"{p}: manifest.json is not valid JSON") from exc
     if not isinstance(entries, list):
         raise ManifestError(f"{p}: manifest.json is not a list")
+    if len(entries) > MAX_ARCHIVE_IMAGES:
+        raise TarballError(
+            f"{p}: manifest.json lists {len(entries)} images, over the cap of {MAX_ARCHIVE_IMAGES}"
+        )
     out: list[Image] = []
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or not isinstance(entry.get("Layers"), list):
             raise ManifestError(f"{p}: manifest.json entry {i} needs 'Config' and 'Layers'")
-        raw_config = await archive.read(entry.get("Config"))
+        names = entry["Layers"]
+        if len(names) > MAX_IMAGE_LAYERS:
+            raise TarballError(
+                f"{p}: manifest.json entry {i} lists {len(names)} layers, over the cap of "
+                f"{MAX_IMAGE_LAYERS} an image"
+            )
+        raw_config, config = await archive.config(entry.get("Config"))
+        if len(config.rootfs.diff_ids) != len(names):
+            raise ManifestError(
+                f"{p}: manifest.json entry {i}: config {entry.get('Config')!r} lists "
+                f"{len(config.rootfs.diff_ids)} diff_ids for {len(names)} layers"
+            )
         blobs: dict[Hash, _Member] = {}
         layers = []
-        for name in entry["Layers"]:
-            m = archive.member(name)
-            head = await read_all_head(await _RangeStream.open(p, m.offset, m.size))
-            digest, _ = await hash_stream(await _RangeStream.open(p, m.offset, m.size))
-            kind = _kind(head)
+        for name in names:
+            m, digest, kind = await archive.layer(name)
             mt = {
                 "gzip": MediaType.OCI_LAYER,
                 "zstd": MediaType.OCI_LAYER_ZSTD,
@@ -319,102 +367,3 @@ async def image(path: str | os.PathLike[str], tag: str | None = None) -> Image:
         if tag in getattr(img, "repo_tags", []):
             return img
     raise TarballError(f"{os.fspath(path)}: no image tagged {tag!r}")
-
-
-# --- writing -----------------------------------------------------------------------------
-
-
-def _header(name: str, size: int) -> bytes:
-    info = tarfile.TarInfo(name)
-    info.size = size
-    info.mode = 0o644
-    info.mtime = 0
-    return info.tobuf(format=tarfile.PAX_FORMAT)
-
-
-def _padding(size: int) -> bytes:
-    return b"\0" * (-size % tarfile.BLOCKSIZE)
-
-
-_EXT = {"gzip": ".tar.gz", "zstd": ".tar.zst", "tar": ".tar"}
-
-
-async def write(
-    path: str | os.PathLike[str],
-    target: Image | Mapping[str, Image] | Sequence[tuple[str, Image]],
-    *,
-    durability: Literal["full", "fast"] = "full",
-) -> None:
-    """Write images as a ``docker save`` archive at ``path`` (replaced atomically).
-
-    ``target`` is an image (no tag) or tagged images (``{"repo:tag": img}``).
-    Blobs stream from each image into the archive; shared layers go in once.
-    """
-    if isinstance(target, Mapping):
-        tagged: list[tuple[str | None, Image]] = list(target.items())
-    elif isinstance(target, Sequence):
-        tagged = list(target)
-    else:
-        tagged = [(None, target)]
-    final = await anyio.to_thread.run_sync(os.path.realpath, os.fspath(path))
-    out = AtomicFile(final, os.path.dirname(final), durable=durability == "full", tag="tarball")
-    try:
-        await out.open()
-    except OSError as exc:  # it names the temp file, which the caller never asked for
-        raise OSError(exc.errno, exc.strerror, final) from exc
-    try:
-        written: set[str] = set()
-        entries: list[dict[str, object]] = []
-        by_image: dict[Hash, dict[str, object]] = {}
-        for tag, img in tagged:
-            digest = await img.digest()
-            if digest in by_image:
-                if tag:
-                    by_image[digest]["RepoTags"].append(tag)  # type: ignore[attr-defined]
-                continue
-            m = await img.manifest()
-            raw_config = await img.raw_config_file()
-            config_name = f"{m.config.digest.hex}.json"
-            if config_name not in written:
-                await out.write(_header(config_name, len(raw_config)))
-                await out.write(raw_config)
-                await out.write(_padding(len(raw_config)))
-                written.add(config_name)
-            names = []
-            for desc, layer in zip(m.layers, await img.layers(), strict=True):
-                stream = VerifyingStream(
-                    await layer.compressed(), desc.digest, desc.size, what=f"layer {desc.digest}"
-                )
-                async with stream:
-                    first = b""
-                    try:
-                        first = await stream.receive()
-                    except anyio.EndOfStream:
-                        pass
-                    name = f"{desc.digest.hex}{_EXT[_kind(first)]}"
-                    names.append(name)
-                    if name in written:
-                        continue
-                    await out.write(_header(name, desc.size))
-                    if first:
-                        await out.write(first)
-                    async for chunk in stream:
-                        await out.write(chunk)
-                    await out.write(_padding(desc.size))
-                    written.add(name)
-            entry: dict[str, object] = {
-                "Config": config_name,
-                "RepoTags": [tag] if tag else [],
-                "Layers": names,
-            }
-            by_image[digest] = entry
-            entries.append(entry)
-        manifest = json.dumps(entries, separators=(",", ":")).encode()
-        await out.write(_header("manifest.json", len(manifest)))
-        await out.write(manifest)
-        await out.write(_padding(len(manifest)))
-        await out.write(b"\0" * (2 * tarfile.BLOCKSIZE))
-        await out.commit()
-    except BaseException:
-        await out.discard()
-        raise

@@ -10,6 +10,7 @@ from ._errors import AioLayerCacheError, ValidationError
 from ._hash import Hash
 from ._protocols import Image, ImageIndex
 from ._types import Manifest, is_index_type
+from .partial import _nested_depth
 from .streams import hash_stream
 
 __all__ = ["image", "index"]
@@ -89,7 +90,9 @@ async def _name(x: Image | ImageIndex) -> str:
         return "?"
 
 
-async def _check_index(ii: ImageIndex, findings: list[str]) -> None:
+async def _check_index(
+    ii: ImageIndex, findings: list[str], depth: int, seen: dict[Hash, int]
+) -> None:
     raw = await ii.raw_manifest()
     digest = Hash.of(raw)
     if (d := await ii.digest()) != digest:
@@ -99,11 +102,19 @@ async def _check_index(ii: ImageIndex, findings: list[str]) -> None:
     im = await ii.index_manifest()
     for desc in im.manifests:
         where = f"child {desc.digest}"
+        # Content-addressed: a manifest listed again (here or anywhere in the tree) is
+        # the same bytes, checked once; only its stated size can differ.
+        if desc.digest in seen:
+            if seen[desc.digest] != desc.size:
+                findings.append(f"{where}: size {desc.size}, listed before as {seen[desc.digest]}")
+            continue
+        seen[desc.digest] = desc.size
         child: Image | ImageIndex
         try:
             if is_index_type(desc.media_type):
+                child_depth = _nested_depth(depth, digest, desc.digest)
                 child = await ii.image_index(desc.digest)
-                await index(child)
+                await _index(child, child_depth, seen)
             else:
                 child = await ii.image(desc.digest)
                 await image(child)
@@ -116,12 +127,21 @@ async def _check_index(ii: ImageIndex, findings: list[str]) -> None:
             findings.append(f"{where}: size() is {cs}, index says {desc.size}")
 
 
-async def index(ii: ImageIndex) -> None:
-    """Raise :class:`ValidationError` unless ``ii`` and every child, recursively, check out."""
+async def _index(ii: ImageIndex, depth: int, seen: dict[Hash, int]) -> None:
     findings: list[str] = []
     try:
-        await _check_index(ii, findings)
+        await _check_index(ii, findings, depth, seen)
     except AioLayerCacheError as exc:
         findings.append(str(exc))
     if findings:
         raise ValidationError(f"index {await _name(ii)}", findings)
+
+
+async def index(ii: ImageIndex) -> None:
+    """Raise :class:`ValidationError` unless ``ii`` and every child, recursively, check out.
+
+    Each distinct child manifest is checked once however often the tree lists
+    it; an index nested more than :data:`~aiolayercache._types.MAX_INDEX_DEPTH`
+    levels below ``ii`` is a finding (and is not opened).
+    """
+    await _index(ii, 0, {})

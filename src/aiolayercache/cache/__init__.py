@@ -28,7 +28,7 @@ from .._types import (
     is_index_type,
 )
 from .._wrap import LayerWrapper
-from ..partial import _ConfigLayer
+from ..partial import _ConfigLayer, _nested_depth
 from ..streams import drain, read_all
 from ._fs import EntryInfo, FilesystemCache, VerifyReport
 from ._memory import MemoryCache
@@ -282,7 +282,11 @@ async def prefetch(
     ``concurrency`` at a time. A layer already in ``c`` counts as a hit and is
     not read again; a miss is read to its end through ``c`` (so it is cached
     and verified). With ``uncompressed=True`` layers are keyed and read by
-    diff_id. Errors of any task propagate (the others are cancelled).
+    diff_id. Each distinct manifest is walked once however often the tree
+    lists it, and an index nested more than
+    :data:`~aiolayercache._types.MAX_INDEX_DEPTH` levels below ``target`` is a
+    :class:`ManifestError`. Errors of any task propagate in an
+    ``ExceptionGroup`` (the others are cancelled).
     """
     if concurrency < 1:
         raise ValueError(f"concurrency must be at least 1, not {concurrency}")
@@ -332,20 +336,25 @@ async def prefetch(
         for layer in layers:
             tg.start_soon(fetch_layer, layer)
 
-    async def walk_index(tg: anyio.abc.TaskGroup, ii: ImageIndex) -> None:
+    async def walk_index(tg: anyio.abc.TaskGroup, ii: ImageIndex, depth: int) -> None:
         async with limiter:
             im = await ii.index_manifest()
+            parent = await ii.digest()
         for desc in im.manifests:
             if desc.digest in seen_manifests:
                 continue
             seen_manifests.add(desc.digest)
-            tg.start_soon(walk_child, tg, ii, desc.digest, is_index_type(desc.media_type))
+            nested = is_index_type(desc.media_type)
+            child_depth = _nested_depth(depth, parent, desc.digest) if nested else depth
+            tg.start_soon(walk_child, tg, ii, desc.digest, nested, child_depth)
 
-    async def walk_child(tg: anyio.abc.TaskGroup, ii: ImageIndex, h: Hash, nested: bool) -> None:
+    async def walk_child(
+        tg: anyio.abc.TaskGroup, ii: ImageIndex, h: Hash, nested: bool, depth: int
+    ) -> None:
         if nested:
             async with limiter:
                 child_ii = await ii.image_index(h)
-            await walk_index(tg, child_ii)
+            await walk_index(tg, child_ii, depth)
         else:
             async with limiter:
                 child = await ii.image(h)
@@ -353,7 +362,7 @@ async def prefetch(
 
     async with anyio.create_task_group() as tg:
         if isinstance(target, ImageIndex) and not isinstance(target, Image):
-            await walk_index(tg, target)
+            await walk_index(tg, target, 0)
         else:
             await walk_image(tg, target)
     return stats
