@@ -210,6 +210,8 @@ def test_sigint_mid_pull_leaves_no_temp_file_and_no_broken_destination(
     leftovers = [str(x) for x in dest.rglob("*.tmp")] if dest.exists() else []
     assert leftovers == []
     assert not (dest / "index.json").exists()  # index.json comes last, so none yet
+    # And the message says exactly that (it used to say nothing was left behind).
+    assert "no index.json yet" in err and "nothing half-written" not in err, err
 
 
 def test_cache_ls_du_verify_rm(registry: Registry, published: Published, tmp_path: Path) -> None:

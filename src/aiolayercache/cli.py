@@ -712,6 +712,30 @@ async def _cache(args: argparse.Namespace) -> int:
 # --- main ---------------------------------------------------------------------------------
 
 
+def _dest_state(dest: str) -> str:
+    """``absent``, ``layout`` (has an index.json), ``file`` or ``dir``."""
+    if os.path.isfile(os.path.join(dest, "index.json")):
+        return "layout"
+    if os.path.isdir(dest):
+        return "dir"
+    return "file" if os.path.exists(dest) else "absent"
+
+
+def _interrupted(dest: str, before: str) -> str:
+    """What an interrupted pull left at ``dest``, in words (temp files never stay)."""
+    now = _dest_state(dest)
+    if now == "layout" and before == "layout":
+        return f"{dest}: index.json is as it was; blobs written so far stay and are reused"
+    if now == "dir" and before != "dir":
+        return (
+            f"{dest}: blobs of this pull but no index.json yet (not a usable layout); "
+            "pull again to finish it (written blobs are reused) or remove it"
+        )
+    if now == before:
+        return f"{dest} was not changed"
+    return f"{dest} may be incomplete: pull again"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -728,6 +752,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="aiolayercache: %(message)s",
     )
     rep: Reporter | None = None
+    before = _dest_state(args.dest) if args.command == "pull" else ""
     try:
         import anyio
 
@@ -745,7 +770,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         code = EXIT_INTERRUPTED
-        print("aiolayercache: interrupted; nothing half-written was left behind", file=sys.stderr)
+        what = _interrupted(args.dest, before) if args.command == "pull" else "nothing was changed"
+        print(f"aiolayercache: interrupted; {what}", file=sys.stderr)
     except Exception as exc:
         if rep is not None:
             rep.close()
