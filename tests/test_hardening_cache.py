@@ -362,9 +362,9 @@ async def test_a_stalled_fill_in_another_process_is_waited_for_then_taken_over(
 ) -> None:
     """Another process holds the entry's lock and its temp file does not grow: the wait
     is logged with what it waits for, and ends after stalled_fill_timeout."""
-    from aiolayercache.cache import _fs
+    from aiolayercache.cache import _flight
 
-    monkeypatch.setattr(_fs, "_NOTICE_AFTER", 0.5)
+    monkeypatch.setattr(_flight, "_NOTICE_AFTER", 0.5)
     img = random.image(64 * 1024, 1, seed=18)
     fs = FilesystemCache(tmp_path, stalled_fill_timeout=2.0)
     await fs.sweep()

@@ -85,9 +85,9 @@ async def test_reads_record_use_without_writing_entries(tmp_path: Path) -> None:
     h = await (await img.layers())[0].digest()
     meta = tmp_path / ".aiolayercache" / "meta" / (h.filename + ".json")
     os.utime(meta, (1000, 1000))
-    from aiolayercache.cache import _fs
+    from aiolayercache.cache import _proofs
 
-    _fs._USED.clear()
+    _proofs._USED.clear()  # this process's "recorded a use a moment ago" memory
     entry_mtime = (tmp_path / h.filename).stat().st_mtime_ns
     await drain(await (await cache.image(img, FilesystemCache(tmp_path)).layers())[0].compressed())
     assert meta.stat().st_mtime > 1000

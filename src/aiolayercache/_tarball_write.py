@@ -19,18 +19,15 @@ import anyio.to_thread
 from ._atomic import AtomicFile
 from ._hash import Hash
 from ._protocols import Image
-from .streams import GZIP_MAGIC, ZSTD_MAGIC, VerifyingStream
+from .streams import VerifyingStream, sniff
 
 __all__ = ["write"]
 
 
 def kind(head: bytes) -> str:
-    """``"gzip"``, ``"zstd"`` or ``"tar"``: what a blob starting with ``head`` holds."""
-    if head.startswith(GZIP_MAGIC):
-        return "gzip"
-    if head.startswith(ZSTD_MAGIC):
-        return "zstd"
-    return "tar"
+    """``"gzip"``, ``"zstd"`` or ``"tar"``: what a layer starting with ``head`` holds."""
+    k = sniff(head)
+    return k if k in ("gzip", "zstd") else "tar"
 
 
 def _header(name: str, size: int) -> bytes:

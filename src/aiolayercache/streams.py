@@ -10,28 +10,43 @@ chunk.
 
 from __future__ import annotations
 
-import errno
 import logging
-import os
-import stat
-import zlib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol
 
-import aiofiles
 import anyio
 import anyio.to_thread
-import zstandard
-from anyio import BrokenResourceError, ClosedResourceError, EndOfStream
+from anyio import BrokenResourceError, EndOfStream
 from anyio.abc import ByteReceiveStream
 
 from ._attrs import ProvenFile, StreamAttribute
-from ._errors import DecompressionError, DigestMismatchError, SizeMismatchError
+from ._chunks import (
+    _THREAD_MIN,
+    CHUNK_SIZE,
+    BytesStream,
+    ChunkStream,
+    FileStream,
+    NotARegularFileError,
+    PrefixedStream,
+    _cpu,
+)
+from ._compression import (
+    GZIP_MAGIC,
+    ZSTD_MAGIC,
+    GunzipStream,
+    GzipStream,
+    ZstdDecompressStream,
+    decompress,
+    sniff,
+)
+from ._errors import DigestMismatchError, SizeMismatchError
 from ._hash import Hash
 from ._lane import Lane
 
 __all__ = [
     "CHUNK_SIZE",
+    "GZIP_MAGIC",
+    "ZSTD_MAGIC",
     "BytesStream",
     "ChunkStream",
     "FileStream",
@@ -48,158 +63,10 @@ __all__ = [
     "drain",
     "hash_stream",
     "read_all",
+    "sniff",
 ]
 
 log = logging.getLogger("aiolayercache")
-
-CHUNK_SIZE = 1 << 20
-# Below this, work is done inline: a thread hop would cost more than it saves.
-_THREAD_MIN = 128 * 1024
-
-GZIP_MAGIC = b"\x1f\x8b"
-ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-
-
-async def _cpu(func: Callable[..., Any], *args: Any) -> Any:
-    """Run CPU-bound ``func`` in a worker thread when the input is big, inline otherwise."""
-    size = len(args[0]) if args and isinstance(args[0], bytes | memoryview) else 0
-    if size >= _THREAD_MIN:
-        return await anyio.to_thread.run_sync(func, *args)
-    return func(*args)
-
-
-class ChunkStream(ByteReceiveStream):
-    """Base for chunk producers: subclasses implement ``_next`` and ``_aclose``.
-
-    ``_next`` returns the next non-empty chunk or ``None`` at the end. This base
-    honours ``max_bytes`` by keeping the rest of a chunk for the next receive.
-    """
-
-    def __init__(self) -> None:
-        self._buf = memoryview(b"")
-        self._closed = False
-
-    async def _next(self) -> bytes | None:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    async def _aclose(self) -> None:
-        return None
-
-    async def receive(self, max_bytes: int = CHUNK_SIZE) -> bytes:
-        if self._closed:
-            raise ClosedResourceError
-        if not self._buf:
-            while True:
-                chunk = await self._next()
-                if chunk is None:
-                    raise EndOfStream
-                if chunk:
-                    break
-            if len(chunk) <= max_bytes:
-                return chunk
-            self._buf = memoryview(chunk)
-        out = self._buf[:max_bytes]
-        self._buf = self._buf[max_bytes:]
-        return bytes(out)
-
-    async def aclose(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._buf = memoryview(b"")
-        with anyio.CancelScope(shield=True):
-            await self._aclose()
-
-
-class BytesStream(ChunkStream):
-    """A stream over bytes held in memory."""
-
-    def __init__(self, data: bytes, chunk_size: int = CHUNK_SIZE) -> None:
-        super().__init__()
-        self._data = memoryview(data)
-        self._pos = 0
-        self._chunk = chunk_size
-
-    async def _next(self) -> bytes | None:
-        if self._pos >= len(self._data):
-            return None
-        end = self._pos + self._chunk
-        out = bytes(self._data[self._pos : end])
-        self._pos = end
-        return out
-
-
-class PrefixedStream(ChunkStream):
-    """``prefix`` then the rest of ``inner`` (used to put back a sniffed chunk)."""
-
-    def __init__(self, prefix: bytes, inner: ByteReceiveStream) -> None:
-        super().__init__()
-        self._prefix: bytes | None = prefix or None
-        self._inner = inner
-
-    async def _next(self) -> bytes | None:
-        if self._prefix is not None:
-            out, self._prefix = self._prefix, None
-            return out
-        try:
-            return await self._inner.receive(CHUNK_SIZE)
-        except EndOfStream:
-            return None
-
-    async def _aclose(self) -> None:
-        await self._inner.aclose()
-
-
-class FileStream(ChunkStream):
-    """A file read with aiofiles in big chunks. Open with ``await FileStream.open(path)``."""
-
-    def __init__(self, file: Any, path: str, chunk_size: int = CHUNK_SIZE) -> None:
-        super().__init__()
-        self._file = file
-        self.path = path
-        self._chunk = chunk_size
-
-    @classmethod
-    async def open(
-        cls, path: str | os.PathLike[str], chunk_size: int = CHUNK_SIZE, *, regular: bool = False
-    ) -> FileStream:
-        """Open ``path`` for reading. With ``regular``, only a regular file that is not a
-        symlink opens (never blocking on a FIFO): anything else is :class:`NotARegularFileError`."""
-        if not regular:
-            return cls(await aiofiles.open(path, "rb", buffering=0), os.fspath(path), chunk_size)
-        f = await aiofiles.open(path, "rb", buffering=0, opener=_regular_opener)
-        out = cls(f, os.fspath(path), chunk_size)
-        if not stat.S_ISREG(os.fstat(out.fileno()).st_mode):
-            await out.aclose()
-            raise NotARegularFileError(errno.EINVAL, "not a regular file", os.fspath(path))
-        return out
-
-    async def _next(self) -> bytes | None:
-        try:
-            data: bytes = await self._file.read(self._chunk)
-        except OSError as exc:
-            raise BrokenResourceError(f"reading {self.path}: {exc}") from exc
-        return data or None
-
-    def fileno(self) -> int:
-        fd: int = self._file.fileno()
-        return fd
-
-    async def _aclose(self) -> None:
-        await self._file.close()
-
-
-class NotARegularFileError(OSError):
-    """Raised by ``FileStream.open(..., regular=True)`` for a directory, FIFO, device or socket."""
-
-
-_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
-
-
-def _regular_opener(path: str, flags: int) -> int:
-    # O_NOFOLLOW: a symlink fails (ELOOP) instead of leading elsewhere; O_NONBLOCK: a FIFO
-    # opens at once (and is then refused) instead of waiting for a writer forever.
-    return os.open(path, flags | _NOFOLLOW)
 
 
 class Sink(Protocol):
@@ -369,132 +236,6 @@ class VerifyingStream(ChunkStream):
                 await self._abort()
         finally:
             await self._inner.aclose()
-
-
-class GunzipStream(ChunkStream):
-    """Inflate a gzip stream (one or several members) chunk by chunk."""
-
-    def __init__(self, inner: ByteReceiveStream) -> None:
-        super().__init__()
-        self._inner = inner
-        self._d = zlib.decompressobj(wbits=31)
-        self._in = b""
-        self._fed = False
-
-    async def _next(self) -> bytes | None:
-        while True:
-            if self._in:
-                data, self._in = self._in, b""
-            else:
-                try:
-                    data = await self._inner.receive(CHUNK_SIZE)
-                except EndOfStream:
-                    if self._fed and not self._d.eof:
-                        raise DecompressionError("gzip stream ends before its end") from None
-                    return None
-                if self._d.eof:
-                    # Bytes after a finished member: another member, or padding.
-                    self._d = zlib.decompressobj(wbits=31)
-            if self._d.eof and not data.strip(b"\0"):
-                continue
-            self._fed = True
-            try:
-                out: bytes = await _cpu(self._d.decompress, data, CHUNK_SIZE)
-            except zlib.error as exc:
-                raise DecompressionError(f"corrupt gzip stream: {exc}") from exc
-            self._in = self._d.unconsumed_tail
-            if self._d.eof and self._d.unused_data:
-                rest = self._d.unused_data
-                if rest.strip(b"\0"):
-                    self._d = zlib.decompressobj(wbits=31)
-                    self._in = rest
-            if out:
-                return out
-
-    async def _aclose(self) -> None:
-        await self._inner.aclose()
-
-
-class ZstdDecompressStream(ChunkStream):
-    """Decompress a zstd stream (one or several frames) chunk by chunk."""
-
-    _SLICE = 128 * 1024  # bounds the output of one call on very compressible data
-
-    def __init__(self, inner: ByteReceiveStream) -> None:
-        super().__init__()
-        self._inner = inner
-        self._dctx = zstandard.ZstdDecompressor()
-        self._d = self._dctx.decompressobj()
-        self._in = b""
-        self._fed = False
-
-    async def _next(self) -> bytes | None:
-        while True:
-            if not self._in:
-                try:
-                    self._in = await self._inner.receive(CHUNK_SIZE)
-                except EndOfStream:
-                    if self._fed and not self._d.eof:
-                        raise DecompressionError("zstd stream ends before its end") from None
-                    return None
-            data, self._in = self._in[: self._SLICE], self._in[self._SLICE :]
-            if self._d.eof:
-                self._d = self._dctx.decompressobj()
-            self._fed = True
-            try:
-                out: bytes = self._d.decompress(data)
-            except zstandard.ZstdError as exc:
-                raise DecompressionError(f"corrupt zstd stream: {exc}") from exc
-            if self._d.eof and self._d.unused_data:
-                self._in = self._d.unused_data + self._in
-            if out:
-                return out
-
-    async def _aclose(self) -> None:
-        await self._inner.aclose()
-
-
-class GzipStream(ChunkStream):
-    """Deflate ``inner`` into gzip on the fly; the output is deterministic for a level."""
-
-    def __init__(self, inner: ByteReceiveStream, level: int = 1) -> None:
-        super().__init__()
-        self._inner = inner
-        self._c = zlib.compressobj(level, zlib.DEFLATED, 31)
-        self._done = False
-
-    async def _next(self) -> bytes | None:
-        while not self._done:
-            try:
-                data = await self._inner.receive(CHUNK_SIZE)
-            except EndOfStream:
-                self._done = True
-                out: bytes = self._c.flush()
-                return out or None
-            out = await _cpu(self._c.compress, data)
-            if out:
-                return out
-        return None
-
-    async def _aclose(self) -> None:
-        await self._inner.aclose()
-
-
-async def decompress(stream: ByteReceiveStream) -> ByteReceiveStream:
-    """Inflate ``stream`` if it starts with a gzip or zstd magic; pass it through otherwise."""
-    try:
-        first = await stream.receive(CHUNK_SIZE)
-    except EndOfStream:
-        return PrefixedStream(b"", stream)
-    except BaseException:
-        await stream.aclose()
-        raise
-    inner = PrefixedStream(first, stream)
-    if first.startswith(GZIP_MAGIC):
-        return GunzipStream(inner)
-    if first.startswith(ZSTD_MAGIC):
-        return ZstdDecompressStream(inner)
-    return inner
 
 
 async def read_all(stream: ByteReceiveStream, limit: int | None = None) -> bytes:

@@ -170,7 +170,7 @@ KID = textwrap.dedent(
         """Many tasks reading layers through one cache, cancelled at random points."""
         from aiolayercache import Hash, LayerNotFoundError, cache
         from aiolayercache.cache import FilesystemCache
-        from aiolayercache.cache._fs import _FLIGHTS
+        from aiolayercache.cache._flight import FLIGHTS as _FLIGHTS
 
         before = fds()
         started = time.monotonic()

@@ -14,7 +14,7 @@ from .._hash import Hash
 from .._protocols import Layer
 from .._types import MediaType
 from .._wrap import LayerWrapper
-from ..streams import GZIP_MAGIC, ZSTD_MAGIC, BytesStream, VerifyingStream
+from ..streams import BytesStream, VerifyingStream, sniff
 
 __all__ = ["MemoryCache"]
 
@@ -88,8 +88,9 @@ class MemoryCache:
         async def opener() -> ByteReceiveStream:
             return BytesStream(data)
 
-        if entry.compressed or data.startswith(GZIP_MAGIC) or data.startswith(ZSTD_MAGIC):
-            zstd = data.startswith(ZSTD_MAGIC)
+        kind = sniff(data[:512])
+        if entry.compressed or kind in ("gzip", "zstd"):
+            zstd = kind == "zstd"
             mt = entry.media_type or (MediaType.OCI_LAYER_ZSTD if zstd else MediaType.DOCKER_LAYER)
             return partial.compressed_layer(opener, digest=h, size=len(data), media_type=mt)
         return partial.uncompressed_layer(

@@ -1,0 +1,96 @@
+"""The sink that fills one cache entry while a verifying stream hands its bytes out."""
+
+from __future__ import annotations
+
+import os
+import weakref
+from collections.abc import Callable
+
+from .._atomic import AtomicFile
+from .._hash import Hash
+from ..streams import sniff
+from ._flight import Flight, unlock
+from ._proofs import Meta, ProofStore
+
+__all__ = ["EntrySink"]
+
+
+def _orphaned(flight: Flight, lock_box: list[int]) -> None:
+    """Finalizer of a sink dropped without commit or abort (a stream never closed)."""
+    if lock_box:
+        unlock(lock_box.pop())
+    flight.release_threadsafe()
+
+
+class EntrySink:
+    """Fills one cache entry through an :class:`AtomicFile` and records its proof.
+
+    Write failures (disk full, quota, I/O errors) never fail the read: the
+    sink reports the error once (``on_error``: the cache logs and counts it),
+    drops its temp file and lets the verified bytes pass through uncached.
+    Commit or abort releases the single-flight claim on the entry.
+    """
+
+    def __init__(
+        self,
+        store: ProofStore,
+        h: Hash,
+        info: dict[str, str],
+        flight: Flight,
+        lock_fd: int | None,
+        *,
+        durable: bool,
+        on_error: Callable[[Hash, BaseException], None],
+    ) -> None:
+        self._store = store
+        self._h = h
+        self._info = info
+        self._flight = flight
+        self._on_error = on_error
+        self._lock_box = [lock_fd] if lock_fd is not None else []
+        self._file = AtomicFile(store.entry(h), store.tmpdir, durable=durable, tag=h.hex[:16])
+        self._finalizer = weakref.finalize(self, _orphaned, flight, self._lock_box)
+
+    async def open(self) -> None:
+        try:
+            await self._file.open()
+        except OSError as exc:
+            self._on_error(self._h, exc)
+
+    async def write(self, chunk: bytes) -> None:
+        if not self._file.is_open:
+            return
+        try:
+            await self._file.write(chunk)
+        except OSError as exc:
+            self._on_error(self._h, exc)
+            await self._file.discard()
+
+    async def commit(self) -> None:
+        try:
+            if not self._file.is_open:
+                return
+            try:
+                await self._file.commit(after=self._record)
+            except OSError as exc:
+                self._on_error(self._h, exc)
+                await self._file.discard()
+        finally:
+            self._release()
+
+    def _record(self) -> None:
+        st = os.stat(self._file.final)
+        meta = Meta(st.st_size, st.st_mtime_ns, st.st_ino, sniff(self._file.head), **self._info)
+        self._store.save(self._file.final, meta)
+
+    def _release(self) -> None:
+        self._finalizer.detach()
+        if self._lock_box:
+            unlock(self._lock_box.pop())
+        self._flight.release()
+
+    async def abort(self) -> None:
+        try:
+            await self._file.discard()
+        finally:
+            self._release()
