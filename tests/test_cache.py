@@ -385,18 +385,19 @@ async def test_zstd_layer_through_the_cache(tmp_path: Path) -> None:
 async def test_disk_full_passes_verified_bytes_through_uncached(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from aiolayercache._atomic import AtomicFile
+    from aiofiles.threadpool.binary import AsyncFileIO
 
-    real = AtomicFile._write_sync
+    real = AsyncFileIO.write
     written: list[int] = []
 
-    def enospc(self: AtomicFile, chunk: bytes) -> None:
+    async def enospc(self: AsyncFileIO, chunk: bytes) -> int:
         if sum(written) > 256 * 1024:  # the disk fills up part way through
             raise OSError(errno.ENOSPC, "No space left on device")
         written.append(len(chunk))
-        real(self, chunk)
+        n: int = await real(self, chunk)
+        return n
 
-    monkeypatch.setattr(AtomicFile, "_write_sync", enospc)
+    monkeypatch.setattr(AsyncFileIO, "write", enospc)
     src = Source(random.image(1024 * 1024, 1))
     fs = FilesystemCache(tmp_path)
     layer = (await cache.image(src.image(), fs).layers())[0]

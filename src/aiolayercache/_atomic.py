@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import os
 import re
 import secrets
 import stat
 import weakref
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+import aiofiles
+import aiofiles.os
+import aiofiles.threadpool.binary
 import anyio
 import anyio.to_thread
 
 from ._hash import Hash
-from ._lane import Lane
+from ._lane import SerialExecutor
 
 try:
     import fcntl
@@ -25,6 +31,7 @@ except ImportError:  # pragma: no cover - Windows
 __all__ = ["AtomicFile", "fsync_dir", "sweep_temps"]
 
 SYNC_EVERY = 32 * 1024 * 1024
+MAX_QUEUED = 8 * 1024 * 1024  # bytes of writes queued before ``write`` waits
 _HASH_STEP = 4 * 1024 * 1024
 HEAD_BYTES = 512  # what is kept of a file's start: enough to tell gzip, zstd and tar apart
 _fdatasync = getattr(os, "fdatasync", os.fsync)
@@ -96,10 +103,11 @@ def _cleanup(tmp: str, fd_box: list[int]) -> None:
 class AtomicFile:
     """A temp file in ``tmp_dir`` that becomes ``final`` by rename, or disappears.
 
-    Writes run in a :class:`Lane` (one pool thread drains them in order), so
-    they overlap with hashing and with the reader. With ``durable`` the lane
-    flushes every 32 MiB, the file is fsynced before the rename and its
-    directory after it. ``OSError`` from any step propagates; :meth:`discard`
+    The temp file is an aiofiles file on a :class:`SerialExecutor`: writes are
+    queued in order (the caller waits only past :data:`MAX_QUEUED` bytes) and
+    run on a pool thread, overlapping with hashing and with the reader. With
+    ``durable`` the data is flushed every 32 MiB, the file is fsynced before
+    the rename and its directory after it. ``OSError`` from any step propagates; :meth:`discard`
     removes the temp file (also done by a finalizer if the object is dropped).
     """
 
@@ -116,7 +124,11 @@ class AtomicFile:
         self.head = b""
         self.size = 0
         self._fd_box: list[int] = []
-        self._lane: Lane | None = None
+        self._file: aiofiles.threadpool.binary.AsyncFileIO | None = None
+        self._executor: SerialExecutor | None = None
+        self._writes: deque[asyncio.Task[int]] = deque()
+        self._pending_bytes = 0
+        self._error: BaseException | None = None
         self._unsynced = 0
         self._finalizer: weakref.finalize[Any, Any] | None = None
 
@@ -161,26 +173,54 @@ class AtomicFile:
     async def open(self) -> None:
         fd = await anyio.to_thread.run_sync(self._open_sync)
         self._fd_box.append(fd)
-        self._lane = Lane()
         self._finalizer = weakref.finalize(self, _cleanup, self.tmp, self._fd_box)
+        self._executor = SerialExecutor()
+        try:
+            self._file = await aiofiles.open(
+                fd, "wb", buffering=0, closefd=False, executor=self._executor
+            )
+        except BaseException:
+            await self.discard()
+            raise
 
-    def _write_sync(self, chunk: bytes) -> None:
-        fd = self._fd_box[0]
-        view = memoryview(chunk)
-        while view:
-            view = view[os.write(fd, view) :]
-        if self.durable:
-            self._unsynced += len(chunk)
-            if self._unsynced >= SYNC_EVERY:
-                _fdatasync(fd)
-                self._unsynced = 0
+    def _check(self, what: str) -> aiofiles.threadpool.binary.AsyncFileIO:
+        if self._file is None:
+            raise RuntimeError(f"{what} after commit or discard")
+        return self._file
+
+    def _written(self, task: asyncio.Task[int], n: int) -> None:
+        self._pending_bytes -= n
+        if not task.cancelled() and task.exception() is not None and self._error is None:
+            self._error = task.exception()
+
+    async def _settle(self, budget: int) -> None:
+        """Wait for queued writes until at most ``budget`` bytes are queued; raise their error."""
+        while self._writes and self._writes[0].done():
+            self._writes.popleft()  # they finish in order: drop what is done (and its chunk)
+        while self._writes and self._pending_bytes > budget:
+            await asyncio.wait([self._writes.popleft()])
+        if self._error is not None:
+            raise self._error
 
     async def write(self, chunk: bytes) -> None:
-        assert self._lane is not None, "write after commit or discard"
+        """Queue ``chunk`` (aiofiles, in order, beside the loop); wait only while more
+        than the back-pressure budget is queued."""
+        f = self._check("write")
+        assert self._executor is not None
         if len(self.head) < HEAD_BYTES:
             self.head += chunk[: HEAD_BYTES - len(self.head)]
         self.size += len(chunk)
-        await self._lane.submit(self._write_sync, chunk)
+        await self._settle(MAX_QUEUED - len(chunk))
+        task = asyncio.ensure_future(f.write(chunk))
+        self._pending_bytes += len(chunk)
+        task.add_done_callback(functools.partial(self._written, n=len(chunk)))
+        self._writes.append(task)
+        if self.durable:
+            self._unsynced += len(chunk)
+            if self._unsynced >= SYNC_EVERY:
+                # Flush now and then, in order with the writes, so the final fsync waits less.
+                self._unsynced = 0
+                self._executor.submit(_fdatasync, self._fd_box[0])
 
     def _copy_sync(self, src: int, size: int, expected: Hash) -> Hash:
         dst = self._fd_box[0]
@@ -225,14 +265,17 @@ class AtomicFile:
 
         Returns the hash (in ``expected``'s algorithm) of the bytes that landed
         in the temp file, read back from it beside the loop: the caller compares
-        it with ``expected`` before commit, so a
-        source that changed since it was proven is never trusted.
+        it with ``expected`` before commit, so a source that changed since it
+        was proven is never trusted.
         """
-        assert self._lane is not None, "copy after commit or discard"
-        await self._lane.join()
+        self._check("copy")
+        await self._settle(0)
         if not self.head:
             self.head = os.pread(src_fd, HEAD_BYTES, 0)
-        got: Hash = await anyio.to_thread.run_sync(self._copy_sync, src_fd, size, expected)
+        loop = asyncio.get_running_loop()
+        got: Hash = await loop.run_in_executor(
+            self._executor, self._copy_sync, src_fd, size, expected
+        )
         return got
 
     def _finish_sync(self) -> None:
@@ -250,30 +293,35 @@ class AtomicFile:
     async def commit(self, after: Callable[[], object] | None = None) -> None:
         """Wait for the writes, then fsync, rename and fsync the directory.
 
-        ``after`` runs in the same worker thread right after the rename (one
-        thread hop for both; small entries pay per hop).
+        The last three, and ``after`` (run right after the rename), are one job
+        on the file's executor: one thread hop, which small entries feel.
         """
-        assert self._lane is not None, "commit after commit or discard"
-        await self._lane.join()
-        self._lane = None
+        f = self._check("commit")
+        await self._settle(0)
+        self._file = None
+        loop = asyncio.get_running_loop()
+        await f.close()  # closefd=False: the descriptor (and its flock) stays ours
 
         def finish() -> None:
             self._finish_sync()
             if after is not None:
                 after()
 
-        await anyio.to_thread.run_sync(finish)
+        await loop.run_in_executor(self._executor, finish)
 
     async def discard(self) -> None:
         """Drop the temp file (waits for a write in progress). Never raises OSError."""
         with anyio.CancelScope(shield=True):
-            if self._lane is not None:
-                await self._lane.close()
-                self._lane = None
+            self._file = None
+            for task in self._writes:
+                task.cancel()
+            self._writes.clear()
+            if self._executor is not None:
+                await self._executor.aclose()  # nothing touches the descriptor after this
             if self._finalizer is not None:
                 self._finalizer.detach()
             if self._fd_box:
                 with contextlib.suppress(OSError):
                     os.close(self._fd_box.pop())
                 with contextlib.suppress(OSError):
-                    await anyio.to_thread.run_sync(os.unlink, self.tmp)
+                    await aiofiles.os.unlink(self.tmp)

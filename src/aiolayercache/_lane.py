@@ -11,13 +11,17 @@ loop, on the other core. The loop waits only when too many bytes are queued
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import threading
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from typing import Any, TypeVar
 
-__all__ = ["Lane"]
+__all__ = ["Lane", "SerialExecutor"]
+
+T = TypeVar("T")
 
 _POOL = ThreadPoolExecutor(
     max_workers=max(8, 4 * (os.cpu_count() or 1)), thread_name_prefix="aiolayercache-lane"
@@ -119,3 +123,75 @@ class Lane:
             self._closed = True
             self._jobs.clear()
         await self._wait(lambda: not self._running)
+
+
+class SerialExecutor(Executor):
+    """An executor that runs its jobs one at a time, in order, on the shared lane pool.
+
+    A file handed to aiofiles with this executor gets its writes queued in
+    order without a thread of its own and without the caller awaiting each
+    one. :meth:`aclose` drops queued jobs (their futures are cancelled) and
+    waits for the running one, so the file can be closed safely after it.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._jobs: deque[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]]] = deque()
+        self._running = False
+        self._closed = False
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        if kwargs:
+            fn = functools.partial(fn, **kwargs)
+        fut: Future[T] = Future()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("executor is closed")
+            self._jobs.append((fut, fn, args))
+            start = not self._running
+            self._running = True
+        if start:
+            _POOL.submit(self._drain)
+        return fut
+
+    def _drain(self) -> None:
+        while True:
+            with self._lock:
+                if not self._jobs:
+                    self._running = False
+                    return
+                fut, fn, args = self._jobs.popleft()
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                result = fn(*args)
+            except BaseException as exc:
+                fut.set_exception(exc)
+            else:
+                fut.set_result(result)
+
+    async def aclose(self) -> None:
+        """Cancel queued jobs and wait for the one running (safe to call more than once)."""
+        with self._lock:
+            dropped = list(self._jobs)
+            self._jobs.clear()
+            closed, self._closed = self._closed, False
+        for fut, _, _ in dropped:
+            fut.cancel()
+        barrier = self.submit(_nothing)  # runs once the job in progress is done
+        with self._lock:
+            self._closed = True
+        if not closed:
+            await asyncio.wrap_future(barrier)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._lock:
+            self._closed = True
+            if cancel_futures:
+                for fut, _, _ in self._jobs:
+                    fut.cancel()
+                self._jobs.clear()
+
+
+def _nothing() -> None:
+    return None
