@@ -246,7 +246,8 @@ def test_cache_ls_du_verify_rm(registry: Registry, published: Published, tmp_pat
 
 
 def test_source_syntax_is_skopeos() -> None:
-    from aiolayercache.cli import UsageError, parse_source
+    from aiolayercache.cli import UsageError
+    from aiolayercache.cli._sources import parse_source
 
     src = parse_source("oci:./images:docker.io/library/alpine:3.20")
     assert (src.kind, src.path, src.ref) == ("oci", "./images", "docker.io/library/alpine:3.20")

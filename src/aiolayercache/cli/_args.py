@@ -1,0 +1,172 @@
+"""Arguments: the parser, the size, duration and platform types, and the exit codes.
+
+Cheap on purpose: ``aiolayercache --help`` and a usage error load this module
+and the model, not the commands (see :func:`aiolayercache.cli.main`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+from .. import __version__
+from .._types import Platform
+
+__all__ = [
+    "EXIT_FAILED",
+    "EXIT_INTERRUPTED",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "UsageError",
+    "build_parser",
+    "human",
+    "parse_duration",
+    "parse_platform",
+    "parse_size",
+]
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+_SIZE = re.compile(r"(?i)^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$")
+_DURATION = re.compile(r"(?i)^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+
+
+class UsageError(Exception):
+    """Bad arguments: exit code 2."""
+
+
+def parse_size(s: str) -> int:
+    """``500M``, ``2GiB``, ``1.5g``, ``1024`` → bytes (K/M/G/T are powers of 1024)."""
+    m = _SIZE.match(s)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {s!r} (try 500M or 2G)")
+    unit = (m.group(2) or "").lower().rstrip("b").rstrip("i")
+    mult = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[unit]
+    return int(float(m.group(1)) * mult)
+
+
+def parse_duration(s: str) -> float:
+    """``30d``, ``12h``, ``90m``, ``45s``, ``2w`` → seconds."""
+    m = _DURATION.match(s)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a duration: {s!r} (try 7d or 12h)")
+    mult = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2).lower()]
+    return float(m.group(1)) * mult
+
+
+def parse_platform(s: str) -> str:
+    """``linux/arm64``, ``linux/arm/v7``: checked here, so a bad one is a usage error."""
+    try:
+        Platform.from_string(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a platform: {s!r} (a platform is OS/ARCH[/VARIANT], "
+            "e.g. linux/amd64 or linux/arm/v7)"
+        ) from None
+    return s
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="aiolayercache",
+        description=(
+            "Pull OCI and Docker images through a verified, shared layer cache "
+            "(the format of crane --cache_path)."
+        ),
+        epilog="Run 'aiolayercache COMMAND --help' for a command's options.",
+    )
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    pull = sub.add_parser(
+        "pull",
+        help="pull images into an OCI layout or a docker tarball",
+        description=(
+            "Pull one or more images into DEST through the layer cache. SRC is a registry "
+            "reference (alpine:3.20, ghcr.io/o/r@sha256:...), oci:DIR[:REF] or "
+            "docker-archive:FILE. DEST is an OCI layout directory (--format oci, the "
+            "default; many images share one layout) or a docker tarball (--format tarball)."
+        ),
+        epilog=(
+            "examples:\n"
+            "  aiolayercache pull docker.io/library/alpine:3.20 alpine.tar --format tarball\n"
+            "  aiolayercache pull alpine:3.20 busybox:1.36 ./images --cache-dir /var/cache/layers\n"
+            "  aiolayercache pull --all-platforms alpine:3.20 ./alpine-all"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    pull.add_argument("sources", metavar="SRC", nargs="+", help="images to pull")
+    pull.add_argument("dest", metavar="DEST", help="OCI layout directory or tarball file")
+    pull.add_argument(
+        "--format",
+        choices=["oci", "tarball"],
+        default=None,
+        help="what DEST is (default: tarball if DEST ends in .tar, else oci)",
+    )
+    where = pull.add_mutually_exclusive_group()
+    where.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        help="layer cache directory (default: $AIOLAYERCACHE_CACHE_DIR or the user cache dir)",
+    )
+    where.add_argument("--no-cache", action="store_true", help="pull without the layer cache")
+    plat = pull.add_mutually_exclusive_group()
+    plat.add_argument(
+        "--platform",
+        type=parse_platform,
+        metavar="OS/ARCH[/VARIANT]",
+        help="which image of an index (default: this host); a single image of "
+        "another platform is an error",
+    )
+    plat.add_argument(
+        "--all-platforms", action="store_true", help="keep whole indexes (every platform)"
+    )
+    pull.add_argument(
+        "--name",
+        action="append",
+        default=[],
+        metavar="SRC=NAME",
+        help="name SRC's image NAME in DEST instead of its own name (two different "
+        "images may not share a name in one DEST)",
+    )
+    pull.add_argument(
+        "-j", "--jobs", type=int, default=4, metavar="N", help="images pulled at once (default 4)"
+    )
+    pull.add_argument(
+        "--insecure", action="store_true", help="allow plain HTTP to non-loopback registries"
+    )
+    pull.add_argument("-q", "--quiet", action="store_true", help="no progress, only the summary")
+    pull.add_argument("--debug", action="store_true", help="tracebacks and debug logs")
+
+    cache = sub.add_parser(
+        "cache",
+        help="inspect and maintain the layer cache",
+        description="Inspect and maintain the layer cache.",
+    )
+    cache.add_argument("--cache-dir", metavar="DIR", help="cache directory (default as for pull)")
+    cache.add_argument("--debug", action="store_true", help="tracebacks and debug logs")
+    csub = cache.add_subparsers(dest="cache_command", metavar="ACTION")
+    csub.add_parser("ls", help="list entries with size and last use")
+    csub.add_parser("du", help="total size and number of entries")
+    csub.add_parser(
+        "verify", help="hash every entry again; remove bad entries and stale temp files"
+    )
+    prune = csub.add_parser(
+        "prune",
+        help="remove least recently used entries",
+        description="Remove entries, least recently used first, until the cache fits "
+        "--max-size, and every entry unused for longer than --older-than.",
+    )
+    prune.add_argument("--max-size", type=parse_size, metavar="SIZE", help="e.g. 10G, 500M")
+    prune.add_argument("--older-than", type=parse_duration, metavar="AGE", help="e.g. 30d, 12h")
+    rm = csub.add_parser("rm", help="remove one entry")
+    rm.add_argument("digest", metavar="DIGEST", help="sha256:<hex>")
+    return p

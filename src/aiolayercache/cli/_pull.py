@@ -1,0 +1,174 @@
+"""``aiolayercache pull``: sources through the cache into a layout or a tarball."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from typing import Any, cast
+
+import anyio
+
+from .. import Hash, Image, cache, layout, mutate, tarball
+from ..cache import FilesystemCache
+from ..remote import Client
+from ._args import EXIT_FAILED, EXIT_OK, UsageError
+from ._cache_cmd import default_cache_dir
+from ._progress import ObservedImage, ObservedIndex, Reporter
+from ._sources import Source, check_platform, dedupe, parse_source, resolve
+
+__all__ = ["dest_state", "interrupted", "pull"]
+
+# org.opencontainers.image.ref.name, as the image spec's grammar has it.
+_NAME_PART = r"[A-Za-z0-9]+(?:(?:[-._:@+]|--)[A-Za-z0-9]+)*"
+_REF_NAME = re.compile(rf"{_NAME_PART}(?:/{_NAME_PART})*")
+
+
+def _renames(args: argparse.Namespace) -> dict[str, str]:
+    """``--name SRC=NAME`` options, checked: SRC is one of the sources, NAME a ref name."""
+    out: dict[str, str] = {}
+    for item in args.name:
+        src, eq, name = item.rpartition("=")
+        if not eq or not src or not _REF_NAME.fullmatch(name):
+            raise UsageError(f"--name {item!r}: want SRC=NAME, NAME like v1 or example.com/app:1.0")
+        if src not in args.sources:
+            raise UsageError(f"--name {item!r}: {src!r} is not one of the sources")
+        out[src] = name
+    return out
+
+
+async def _name_apart(
+    sources: list[Source],
+    resolved: list[list[tuple[str, Any]]],
+    renames: dict[str, str],
+    fmt: str,
+    dest: str,
+) -> list[tuple[str, Any]]:
+    """What goes into DEST, by name: one name, one image.
+
+    A second image under a taken name would replace the first (index.json, or
+    RepoTags for docker load) and lose it: a usage error naming both sources.
+    The same image under the same name twice goes in once. An image is what
+    DEST tells apart: the manifest digest in a layout, the config digest (the
+    image ID) in a docker tarball.
+    """
+    targets: list[tuple[str, Any]] = []
+    owners: dict[str, tuple[Source, Hash]] = {}
+    for src, items in zip(sources, resolved, strict=True):
+        if src.text in renames:
+            if len(items) != 1:
+                raise UsageError(
+                    f"--name {src.text}=...: {src.text} holds {len(items)} images; "
+                    "--name names one (pick it with oci:DIR:REF)"
+                )
+            items = [(renames[src.text], items[0][1])]
+        for name, t in items:
+            digest = await t.digest() if fmt == "oci" else (await t.manifest()).config.digest
+            owner = owners.get(name)
+            if owner is None:
+                owners[name] = (src, digest)
+                targets.append((name, t))
+            elif owner[1] != digest:
+                first = owner[0].text
+                if first != src.text:
+                    who = f"{first} and {src.text}"
+                    fix = f"name one apart with --name '{src.text}=OTHER-NAME', or pull"
+                else:
+                    who, fix = f"two images of {src.text}", "pull"
+                raise UsageError(
+                    f"{who} are both named {name!r} in {dest}, but are different "
+                    f"images ({owner[1]}, {digest}); {fix} them into separate destinations"
+                )
+    return targets
+
+
+async def pull(args: argparse.Namespace, rep: Reporter) -> int:
+    renames = _renames(args)
+    sources = dedupe([parse_source(s) for s in args.sources], renames)
+    fmt = args.format or ("tarball" if args.dest.endswith((".tar", ".tar.gz")) else "oci")
+    fs = None if args.no_cache else FilesystemCache(args.cache_dir or default_cache_dir())
+    if args.jobs < 1:
+        raise UsageError("-j must be at least 1")
+    if fmt == "tarball" and args.all_platforms:
+        raise UsageError("--all-platforms needs --format oci (a docker tarball holds images)")
+    failures: list[str] = []
+    # One slot per source, so DEST lists images in the order the sources were given.
+    resolved: list[list[tuple[str, Any]]] = [[] for _ in sources]
+    limiter = anyio.CapacityLimiter(args.jobs)
+    async with Client(insecure=args.insecure) as client:
+
+        async def resolve_into(i: int, src: Source) -> None:
+            async with limiter:
+                try:
+                    for name, t, single in await resolve(src, args, client):
+                        observed: Any
+                        if isinstance(t, Image):
+                            img = cache.image(t, fs) if fs is not None else t
+                            observed = ObservedImage(img, rep)
+                            if single and args.platform:
+                                await check_platform(observed, args.platform, src.text)
+                        else:
+                            ii = cache.image_index(t, fs) if fs is not None else t
+                            observed = ObservedIndex(ii, rep)
+                        resolved[i].append((name, observed))
+                except Exception as exc:
+                    if args.debug:
+                        raise
+                    failures.append(f"{src.text}: {exc}")
+
+        async with anyio.create_task_group() as tg:
+            for i, src in enumerate(sources):
+                tg.start_soon(resolve_into, i, src)
+        if failures:
+            for f in failures:
+                print(f"aiolayercache: pull failed: {f}", file=sys.stderr)
+            return EXIT_FAILED
+        try:
+            if fmt == "oci":
+                # OCI media types, as skopeo writes them: its layout reader finds no others.
+                resolved = [[(n, await mutate.to_oci(t)) for n, t in ts] for ts in resolved]
+            targets = await _name_apart(sources, resolved, renames, fmt, args.dest)
+            if fmt == "oci":
+                oci = [(t, name) for name, t in targets]
+                descs = await layout.write_all(args.dest, oci, concurrency=max(4, args.jobs))
+                for (name, _), d in zip(targets, descs, strict=True):
+                    rep.image_done(name, d.digest)
+            else:
+                images = [(name, cast("Image", t)) for name, t in targets]
+                await tarball.write(args.dest, images)
+                for name, t in targets:
+                    rep.image_done(name, await t.digest())
+        except UsageError:
+            raise
+        except Exception as exc:
+            if args.debug:
+                raise
+            names = ", ".join(s.text for s in sources)
+            print(f"aiolayercache: pull of {names} failed: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+    return EXIT_OK
+
+
+def dest_state(dest: str) -> str:
+    """``absent``, ``layout`` (has an index.json), ``file`` or ``dir``."""
+    if os.path.isfile(os.path.join(dest, "index.json")):
+        return "layout"
+    if os.path.isdir(dest):
+        return "dir"
+    return "file" if os.path.exists(dest) else "absent"
+
+
+def interrupted(dest: str, before: str) -> str:
+    """What an interrupted pull left at ``dest``, in words (temp files never stay)."""
+    now = dest_state(dest)
+    if now == "layout" and before == "layout":
+        return f"{dest}: index.json is as it was; blobs written so far stay and are reused"
+    if now == "dir" and before != "dir":
+        return (
+            f"{dest}: blobs of this pull but no index.json yet (not a usable layout); "
+            "pull again to finish it (written blobs are reused) or remove it"
+        )
+    if now == before:
+        return f"{dest} was not changed"
+    return f"{dest} may be incomplete: pull again"

@@ -1,0 +1,147 @@
+"""Sources: what a ``SRC`` argument names, and the images it resolves to.
+
+A source is a registry reference (``alpine:3.20``, ``docker://…``), an OCI
+layout (``oci:DIR[:REF]``) or a docker save archive (``docker-archive:FILE``),
+read as skopeo reads them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+
+from .. import Image, ImageIndex, layout, tarball
+from .._types import Platform, is_index_type
+from ..layout import REF_NAME
+from ..remote import (
+    Client,
+    InvalidReferenceError,
+    PlatformNotFoundError,
+    Reference,
+    host_platform,
+    platform_matches,
+)
+from ._args import UsageError
+
+__all__ = ["Source", "check_platform", "dedupe", "parse_source", "resolve"]
+
+
+@dataclass
+class Source:
+    text: str
+    kind: str  # registry | oci | docker-archive
+    path: str = ""
+    ref: str | None = None
+
+
+def parse_source(s: str) -> Source:
+    if s.startswith("oci:"):
+        # As skopeo reads it: the directory ends at the first ':' (the ref may hold more).
+        path, sep, ref_text = s[4:].partition(":")
+        ref = ref_text if sep and ref_text else None
+        if not path:
+            raise UsageError(f"{s!r}: oci: needs a directory (oci:DIR[:REF])")
+        return Source(s, "oci", path, ref)
+    if s.startswith("docker-archive:"):
+        path = s[len("docker-archive:") :]
+        if not path:
+            raise UsageError(f"{s!r}: docker-archive: needs a file")
+        return Source(s, "docker-archive", path)
+    text = s[len("docker://") :] if s.startswith("docker://") else s
+    try:
+        Reference.parse(text)
+    except InvalidReferenceError as exc:
+        raise UsageError(str(exc)) from None
+    return Source(s, "registry", ref=text)
+
+
+def dedupe(sources: list[Source], renames: dict[str, str]) -> list[Source]:
+    """The same source (and name) twice is pulled once, as crane keys images by source."""
+    seen: set[tuple[str, ...]] = set()
+    out = []
+    for src in sources:
+        name = renames.get(src.text, "")
+        if src.kind == "registry":
+            assert src.ref is not None
+            key: tuple[str, ...] = (src.kind, str(Reference.parse(src.ref)), name)
+        else:
+            key = (src.kind, os.path.abspath(src.path), src.ref or "", name)
+        if key not in seen:
+            seen.add(key)
+            out.append(src)
+    return out
+
+
+async def resolve(
+    src: Source, args: argparse.Namespace, client: Client
+) -> list[tuple[str, Image | ImageIndex, bool]]:
+    """``(name, image or index, single)`` for each image of ``src``.
+
+    ``single`` is True for an image that was not chosen from an index by its
+    platform: the only kind whose platform is still to be checked.
+    """
+    platform = args.platform or str(host_platform())
+    if src.kind == "registry":
+        assert src.ref is not None
+        ref = Reference.parse(src.ref)
+        name = f"{ref.context}:{ref.tag}" if ref.tag else str(ref.identifier)
+        desc = await client.get(ref)
+        if desc.is_index and args.all_platforms:
+            return [(name, desc.index(), False)]
+        return [(name, await desc.image(platform=platform), not desc.is_index)]
+    if src.kind == "oci":
+        ii = await layout.index(src.path)
+        im = await ii.index_manifest()
+        picks = [
+            d
+            for d in im.manifests
+            if src.ref is None or (d.annotations or {}).get(REF_NAME) == src.ref
+        ]
+        if not picks:
+            raise LookupError(f"{src.text}: no image named {src.ref!r} in the layout")
+        out: list[tuple[str, Image | ImageIndex, bool]] = []
+        for d in picks:
+            name = (d.annotations or {}).get(REF_NAME) or d.digest.hex[:12]
+            if is_index_type(d.media_type):
+                child = await ii.image_index(d.digest)
+                if args.all_platforms:
+                    out.append((name, child, False))
+                else:
+                    out.append((name, await _platform_child(child, platform, src.text), False))
+            else:
+                out.append((name, await ii.image(d.digest), True))
+        return out
+    imgs = await tarball.images(src.path)
+    # TODO(shape): read img.repo_tags off the public tarball image type once it exists.
+    return [
+        ((getattr(img, "repo_tags", None) or [os.path.basename(src.path)])[0], img, True)
+        for img in imgs
+    ]
+
+
+async def _platform_child(ii: ImageIndex, platform: str, what: str) -> Image:
+    want = Platform.from_string(platform)
+    for d in (await ii.index_manifest()).manifests:
+        if d.platform is not None and platform_matches(want, d.platform):
+            return await ii.image(d.digest)
+    raise PlatformNotFoundError(f"{what}: no image for platform {want}")
+
+
+async def check_platform(img: Image, platform: str, what: str) -> None:
+    """An explicit ``--platform`` that a single image does not match is an error.
+
+    Its config says where it runs; a config that says nothing is let through.
+    """
+    cfg = await img.config_file()
+    if not cfg.os or not cfg.architecture:
+        return
+    want = Platform.from_string(platform)
+    have = Platform(
+        architecture=cfg.architecture, os=cfg.os, variant=cfg.variant, os_version=cfg.os_version
+    )
+    if not platform_matches(want, have):
+        raise PlatformNotFoundError(
+            f"{what}: --platform {want} asked for, but this is a single-platform image "
+            f"for {have} (not an index with a {want} image)"
+        )
