@@ -15,14 +15,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from anyio.abc import ByteReceiveStream
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
 
 from .. import Hash, Image, ImageIndex, Layer
 from .._attrs import StreamAttribute
@@ -53,6 +45,17 @@ class Reporter:
         self._total: Any = None
         self._tasks: dict[str, Any] = {}
         if mode == "rich":
+            # Imported here, once: rich costs about 35 ms of start-up, and only a pull on a
+            # terminal draws bars (plain and quiet pulls, scripts and CI never load it).
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+                TransferSpeedColumn,
+            )
+
             self._progress = Progress(
                 TextColumn("{task.description}"),
                 BarColumn(),
