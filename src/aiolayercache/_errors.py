@@ -13,6 +13,7 @@ __all__ = [
     "InvalidDigestError",
     "LayerNotFoundError",
     "ManifestError",
+    "PlatformNotFoundError",
     "SizeMismatchError",
     "UnsupportedDigestError",
     "ValidationError",
@@ -64,6 +65,10 @@ class ChildNotFoundError(AioLayerCacheError, LookupError):
 
 class ManifestError(AioLayerCacheError, ValueError):
     """A manifest, index or config document is malformed, ambiguous or unsupported."""
+
+
+class PlatformNotFoundError(AioLayerCacheError, LookupError):
+    """An index has no image for the asked platform; the message lists what it has."""
 
 
 class ValidationError(AioLayerCacheError):

@@ -45,6 +45,7 @@ from aiolayercache.remote import (
     UnauthorizedError,
     parse_challenges,
 )
+from aiolayercache.remote._auth import check_realm
 
 from ..conftest import USERS, Published
 from ..registry import FaultProxy, Registry, TokenServer
@@ -752,21 +753,9 @@ class _Names(aiohttp.abc.AbstractResolver):
         return None
 
 
-class PublicNameClient(Client):
+def public_name_client(names: dict[str, str], **kw: Any) -> Client:
     """A Client whose session resolves made-up public names to loopback (test only)."""
-
-    def __init__(self, names: dict[str, str], **kw: Any) -> None:
-        super().__init__(**kw)
-        self._names = names
-
-    def _get_session(self) -> aiohttp.ClientSession:
-        if self._session is None and not self._closed:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(resolver=_Names(self._names)),
-                timeout=self._timeout,
-                trust_env=False,
-            )
-        return super()._get_session()
+    return Client(resolver=_Names(names), **kw)
 
 
 PUBLIC = "registry.example.test"
@@ -778,7 +767,7 @@ async def test_24_public_registry_redirect_to_a_private_address_is_refused(
     h, _ = small_layer(published)
     port = proxy.address.rsplit(":", 1)[1]
     with Scenario("24 public registry -> redirect to a private address refused") as sc:
-        async with PublicNameClient(
+        async with public_name_client(
             {PUBLIC: "127.0.0.1"}, retry=FAST, insecure=True, docker_config=False
         ) as c:
             fs = FilesystemCache(tmp_path / "cache")
@@ -857,9 +846,8 @@ LOOPBACK_REF = Reference.parse("127.0.0.1:5000/test/small:v1")
 )
 def test_25_realm_validation(ref: Reference, insecure: bool, realm: str, ok: bool) -> None:
     with Scenario("25 realm validation (table)") as sc:
-        c = Client(insecure=insecure, docker_config=False)
         try:
-            c._check_realm(ref, realm)
+            check_realm(realm, ref, insecure)
             got = True
         except UnauthorizedError:
             got = False
@@ -879,7 +867,7 @@ async def test_25_bad_realms_end_to_end_are_typed_errors_without_a_token_request
             token_proxy.add("/manifests/", "header", {"WWW-Authenticate": header})
         port = token_proxy.address.rsplit(":", 1)[1]
         names = {PUBLIC: "127.0.0.1"}
-        async with PublicNameClient(
+        async with public_name_client(
             names, retry=FAST, credentials=CREDS, insecure=True, docker_config=False
         ) as c:
             host = f"{PUBLIC}:{port}" if bad.startswith("public") else token_proxy.address
@@ -1056,7 +1044,7 @@ async def test_26_one_token_fetch_for_many_tasks_and_refresh_before_expiry(
                     tg.start_soon(c.get, f"{token_proxy.address}/test/small:v1")
             sc.check(f"one token for 16 tasks ({ts.requests})", ts.requests == 1)
             # The token's lifetime runs out mid-pull: the next request refreshes first.
-            for tok in c._tokens.values():
+            for tok in c.tokens.values():
                 tok.expires = time.monotonic() - 1
             token_proxy.reset()
             await c.get(f"{token_proxy.address}/test/small:v1")

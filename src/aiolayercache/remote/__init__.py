@@ -9,20 +9,17 @@ token cache) across pulls; without it the event loop's shared client is used.
 
 from __future__ import annotations
 
+from .._errors import PlatformNotFoundError
+from .._platform import host_platform, platform_matches
 from .._protocols import Image, ImageIndex
 from .._types import Platform
 from ._auth import Credentials, load_docker_config, parse_challenges
-from ._client import (
-    Client,
-    RemoteDescriptor,
-    RetryPolicy,
-    default_client,
-    host_platform,
-    parse_retry_after,
-    platform_matches,
-)
-from ._errors import PlatformNotFoundError, RemoteError, TransportError, UnauthorizedError
+from ._client import Client
+from ._default import default_client
+from ._descriptor import RemoteDescriptor
+from ._errors import RemoteError, TransportError, UnauthorizedError
 from ._reference import InvalidReferenceError, Reference
+from ._retry import RetryPolicy, parse_retry_after
 
 __all__ = [
     "Client",

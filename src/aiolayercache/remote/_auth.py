@@ -1,15 +1,47 @@
-"""Credentials, WWW-Authenticate challenges and the docker config file."""
+"""Credentials, WWW-Authenticate challenges, the docker config file and bearer tokens.
+
+The token flow is sans-I/O, as httpx's ``Auth``: :func:`check_realm` says
+where a token may be asked for, :func:`token_request` what to send there,
+:func:`parse_token` reads the answer, and :class:`TokenCache` fetches each
+``(endpoint, scope)`` token once for every task. The client does the I/O.
+"""
 
 from __future__ import annotations
 
 import base64
 import json
+import math
 import os
 import re
+import time
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["Challenge", "Credentials", "load_docker_config", "parse_challenges"]
+import anyio
+from yarl import URL
+
+from ._errors import UnauthorizedError, redact
+from ._reference import Reference
+from ._urls import check_target
+
+__all__ = [
+    "MAX_TOKEN_BYTES",
+    "Challenge",
+    "CredentialStore",
+    "Credentials",
+    "Token",
+    "TokenCache",
+    "TokenRequest",
+    "check_realm",
+    "load_docker_config",
+    "parse_challenges",
+    "parse_token",
+    "token_request",
+]
+
+MAX_TOKEN_BYTES = 1024 * 1024
+_TOKEN_VALUE = re.compile(r"[\x21-\x7e]+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +120,35 @@ def load_docker_config(registry: str, path: str | os.PathLike[str] | None = None
     return Credentials()
 
 
+class CredentialStore:
+    """Credentials per registry: the given ones, else the docker config's, else anonymous.
+
+    ``credentials`` maps registry names to :class:`Credentials` or is one for
+    every registry. Each registry is looked up once.
+    """
+
+    def __init__(
+        self, credentials: Mapping[str, Credentials] | Credentials | None, *, docker_config: bool
+    ) -> None:
+        self._given = credentials
+        self._docker_config = docker_config
+        self._cache: dict[str, Credentials] = {}
+
+    def get(self, registry: str) -> Credentials:
+        if registry in self._cache:
+            return self._cache[registry]
+        c: Credentials | None = None
+        if isinstance(self._given, Credentials):
+            c = self._given
+        elif self._given is not None:
+            c = self._given.get(registry)
+        if c is None and self._docker_config:
+            c = load_docker_config(registry)
+        c = c or Credentials()
+        self._cache[registry] = c
+        return c
+
+
 @dataclass(frozen=True, slots=True)
 class Challenge:
     """One ``WWW-Authenticate`` challenge: a scheme (lowercased) and its parameters."""
@@ -135,3 +196,130 @@ def parse_challenges(header: str) -> list[Challenge]:
                     break
         out.append(Challenge(scheme, params))
     return out
+
+
+def check_realm(realm: str, registry: Reference, insecure: bool) -> URL:
+    """The token endpoint a bearer challenge names, if credentials may go there.
+
+    Raises :class:`UnauthorizedError` for a realm :func:`check_target` refuses.
+    """
+    try:
+        u = URL(realm)
+    except ValueError:
+        raise UnauthorizedError(f"{registry.context}: bad token realm") from None
+    reason = check_target(u, registry, insecure)
+    if reason is not None:
+        raise UnauthorizedError(f"{registry.context}: token realm {redact(u)} {reason}")
+    return u
+
+
+@dataclass(frozen=True, slots=True)
+class TokenRequest:
+    """What to send to a token realm: a GET with a query, or a POST of a refresh-token form."""
+
+    method: str
+    url: URL
+    headers: dict[str, str]
+    form: dict[str, str] | None = None
+
+
+def token_request(realm: URL, ch: Challenge, scope: str, creds: Credentials) -> TokenRequest:
+    """The request for a ``scope`` token from ``realm`` (checked) for challenge ``ch``."""
+    query: dict[str, str] = {}
+    if ch.params.get("service"):
+        query["service"] = ch.params["service"]
+    query["scope"] = scope
+    if creds.identity_token:
+        form = dict(query)
+        form.update(
+            grant_type="refresh_token",
+            refresh_token=creds.identity_token,
+            client_id="aiolayercache",
+        )
+        return TokenRequest("POST", realm, {}, form)
+    headers = {} if creds.empty else {"Authorization": creds.basic()}
+    return TokenRequest("GET", realm.update_query(query), headers)
+
+
+@dataclass(slots=True)
+class Token:
+    """A bearer token and when to fetch a new one (a ``time.monotonic()`` deadline)."""
+
+    value: str = field(repr=False)
+    expires: float
+
+    @property
+    def fresh(self) -> bool:
+        return self.expires > time.monotonic()
+
+
+def parse_token(body: bytes, what: str, realm: URL) -> Token:
+    """The token in a token server's answer; refreshed a little before it expires."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):  # RecursionError: nested too deep
+        doc = None
+    value = None
+    if isinstance(doc, dict):
+        value = doc.get("token") or doc.get("access_token")
+    if not isinstance(value, str) or not value:
+        raise UnauthorizedError(
+            f"{what}: token response has no token", url=redact(realm), status=200
+        )
+    if not _TOKEN_VALUE.fullmatch(value):
+        # It goes into an Authorization header: no spaces, controls or non-ASCII.
+        raise UnauthorizedError(
+            f"{what}: token response has a malformed token", url=redact(realm), status=200
+        )
+    expires_in = doc.get("expires_in") if isinstance(doc, dict) else None
+    if not isinstance(expires_in, int | float) or isinstance(expires_in, bool):
+        expires_in = 60
+    try:
+        expires_in = float(expires_in)
+    except OverflowError:  # an int too big for a float
+        expires_in = 60.0
+    if not math.isfinite(expires_in):
+        expires_in = 60.0
+    expires_in = max(expires_in, 60.0)
+    # Refresh a little before the server's expiry.
+    return Token(value, time.monotonic() + expires_in * 0.9 - 5)
+
+
+class TokenCache(Mapping[tuple[str, str], Token]):
+    """Bearer tokens per ``(endpoint, scope)``; each fetched once however many tasks ask.
+
+    Read it as a mapping; :meth:`get_or_fetch` is the only way in.
+    """
+
+    def __init__(self) -> None:
+        self._tokens: dict[tuple[str, str], Token] = {}
+        self._locks: dict[tuple[str, str], anyio.Lock] = {}
+
+    def __getitem__(self, key: tuple[str, str]) -> Token:
+        return self._tokens[key]
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        return iter(self._tokens)
+
+    def __len__(self) -> int:
+        return len(self._tokens)
+
+    def __repr__(self) -> str:
+        return f"<TokenCache {len(self._tokens)} tokens>"
+
+    async def get_or_fetch(
+        self, key: tuple[str, str], stale: str | None, fetch: Callable[[], Awaitable[Token]]
+    ) -> str:
+        """The cached token for ``key``, unless expired or the one ``stale`` was refused with.
+
+        ``stale`` is the ``Authorization`` value a 401 answered. One task fetches;
+        the others wait for it under the key's lock.
+        """
+        lock = self._locks.setdefault(key, anyio.Lock())
+        async with lock:
+            tok = self._tokens.get(key)
+            if tok is not None and tok.fresh and f"Bearer {tok.value}" != stale:
+                return tok.value
+            tok = await fetch()
+            self._tokens[key] = tok
+            return tok.value
