@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 
 from .. import Image, ImageIndex, layout, tarball
+from .._platform import image_for_platform
 from .._types import Platform, is_index_type
 from ..layout import REF_NAME
 from ..remote import (
@@ -108,7 +109,8 @@ async def resolve(
                 if args.all_platforms:
                     out.append((name, child, False))
                 else:
-                    out.append((name, await _platform_child(child, platform, src.text), False))
+                    want = Platform.from_string(platform)
+                    out.append((name, await image_for_platform(child, want, src.text), False))
             else:
                 out.append((name, await ii.image(d.digest), True))
         return out
@@ -118,14 +120,6 @@ async def resolve(
         ((getattr(img, "repo_tags", None) or [os.path.basename(src.path)])[0], img, True)
         for img in imgs
     ]
-
-
-async def _platform_child(ii: ImageIndex, platform: str, what: str) -> Image:
-    want = Platform.from_string(platform)
-    for d in (await ii.index_manifest()).manifests:
-        if d.platform is not None and platform_matches(want, d.platform):
-            return await ii.image(d.digest)
-    raise PlatformNotFoundError(f"{what}: no image for platform {want}")
 
 
 async def check_platform(img: Image, platform: str, what: str) -> None:
