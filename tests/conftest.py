@@ -114,6 +114,7 @@ from .registry import (  # noqa: E402
     push_image,
     push_index,
     registry_available,
+    running_proxy,
     start_registry,
 )
 
@@ -207,9 +208,8 @@ def token_registry(
 
 @pytest.fixture(scope="session")
 def _session_proxy(registry: Registry, published: Published) -> Iterator[FaultProxy]:
-    px = FaultProxy(registry.host).start()
-    yield px
-    px.stop()
+    with running_proxy(registry.host) as px:
+        yield px
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import datetime
 import gzip
 import json
@@ -23,7 +24,7 @@ import time
 import urllib.request
 import zlib
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -642,6 +643,16 @@ class FaultProxy:
             fut = asyncio.run_coroutine_threadsafe(self._session.close(), self.server.loop)
             fut.result(5)
         self.server.stop()
+
+
+@contextlib.contextmanager
+def running_proxy(upstream: str, **options: Any) -> Iterator[FaultProxy]:
+    """The one way tests get a fault proxy: started in front of ``upstream``, stopped after."""
+    px = FaultProxy(upstream, **options).start()
+    try:
+        yield px
+    finally:
+        px.stop()
 
 
 def htpasswd(path: Path, users: dict[str, str]) -> None:

@@ -33,7 +33,7 @@ from aiolayercache.remote import (
 from aiolayercache.streams import drain, read_all
 
 from .conftest import USERS, Published, entries, temps
-from .registry import FaultProxy, Registry, TokenServer
+from .registry import FaultProxy, Registry, TokenServer, running_proxy
 
 pytestmark = pytest.mark.anyio
 
@@ -378,11 +378,12 @@ async def test_redirect_to_another_host_drops_authorization(
     user, pw = next(iter(USERS.items()))
     basic = "Basic " + base64.b64encode(f"{user}:{pw}".encode()).decode()
     # "Object storage" on another loopback address: it answers 400 to any Authorization.
-    store = FaultProxy(
-        basic_registry.host, host="127.0.0.2", upstream_auth=basic, reject_auth=True
-    ).start()
-    front = FaultProxy(basic_registry.host).start()
-    try:
+    with (
+        running_proxy(
+            basic_registry.host, host="127.0.0.2", upstream_auth=basic, reject_auth=True
+        ) as store,
+        running_proxy(basic_registry.host) as front,
+    ):
         front.add("/blobs/sha256:", "redirect", store.address, times=100)
         creds = Credentials(username=user, password=pw)
         async with Client(retry=FAST, credentials=creds, docker_config=False) as c:
@@ -391,9 +392,6 @@ async def test_redirect_to_another_host_drops_authorization(
         assert store.stats.requests  # blobs were served from there
         assert store.stats.authorization_seen == []
         assert front.stats.authorization_seen  # the registry itself did get credentials
-    finally:
-        store.stop()
-        front.stop()
 
 
 async def test_redirect_to_link_local_is_refused(

@@ -48,7 +48,7 @@ from aiolayercache.remote import (
 from aiolayercache.remote._auth import check_realm
 
 from ..conftest import USERS, Published
-from ..registry import FaultProxy, Registry, TokenServer
+from ..registry import FaultProxy, Registry, TokenServer, running_proxy
 from ._checks import CacheState, Consumed, Scenario, audit, cache_state, consume
 
 pytestmark = pytest.mark.anyio
@@ -97,9 +97,8 @@ def ts(token_server: TokenServer) -> Iterator[TokenServer]:
 
 @pytest.fixture(scope="module")
 def _token_proxy(token_registry: Registry) -> Iterator[FaultProxy]:
-    px = FaultProxy(token_registry.host).start()
-    yield px
-    px.stop()
+    with running_proxy(token_registry.host) as px:
+        yield px
 
 
 @pytest.fixture
@@ -646,21 +645,20 @@ async def test_24_redirect_to_another_host_drops_the_bearer_token(
 ) -> None:
     h, truth = big_layer(published)
     # "Object storage" on another loopback address: 400 to any Authorization, as S3 does.
-    store = FaultProxy(registry.host, host="127.0.0.2", reject_auth=True).start()
-    try:
-        with Scenario("24 redirect to another host: Authorization dropped; resume") as sc:
-            token_proxy.add("/blobs/sha256:", "redirect", store.address, times=100)
-            store.add(str(h), "cut", 1_000_000)  # and the presigned URL is cut once
-            async with Client(retry=FAST, credentials=CREDS, docker_config=False) as c:
-                p = await pull_layer(c, token_proxy, tmp_path / "cache", h)
-            judge_ok(sc, p, h, truth, max_gets=2)
-            sc.check("blob bytes came from the store", gets(store, str(h)) == 2)
-            sc.check("the store never saw Authorization", store.stats.authorization_seen == [])
-            sc.check("the registry did", bool(token_proxy.stats.authorization_seen))
-            # The resume asked the registry again (a presigned URL may have expired).
-            sc.check("resume went to the registry", gets(token_proxy, str(h)) == 2)
-    finally:
-        store.stop()
+    with (
+        running_proxy(registry.host, host="127.0.0.2", reject_auth=True) as store,
+        Scenario("24 redirect to another host: Authorization dropped; resume") as sc,
+    ):
+        token_proxy.add("/blobs/sha256:", "redirect", store.address, times=100)
+        store.add(str(h), "cut", 1_000_000)  # and the presigned URL is cut once
+        async with Client(retry=FAST, credentials=CREDS, docker_config=False) as c:
+            p = await pull_layer(c, token_proxy, tmp_path / "cache", h)
+        judge_ok(sc, p, h, truth, max_gets=2)
+        sc.check("blob bytes came from the store", gets(store, str(h)) == 2)
+        sc.check("the store never saw Authorization", store.stats.authorization_seen == [])
+        sc.check("the registry did", bool(token_proxy.stats.authorization_seen))
+        # The resume asked the registry again (a presigned URL may have expired).
+        sc.check("resume went to the registry", gets(token_proxy, str(h)) == 2)
 
 
 # Host spellings of 169.254.169.254 (and friends) that a resolver reads as link-local.
@@ -903,21 +901,20 @@ async def test_25_challenges_in_several_header_fields_are_all_seen(
 async def test_25_token_request_redirected_to_another_host_does_not_carry_credentials(
     token_registry: Registry, ts: TokenServer
 ) -> None:
-    other = FaultProxy(ts.server.address, host="127.0.0.2").start()
-    try:
-        with Scenario("25 token realm redirects elsewhere: credentials not sent") as sc:
-            ts.script.append(("redirect", other.address))
-            async with Client(retry=FAST, credentials=CREDS, docker_config=False) as c:
-                try:
-                    await c.get(f"{token_registry.host}/test/small:v1")
-                    err: BaseException | None = None
-                except Exception as exc:
-                    err = exc
-            sc.check(f"refused at the other host: {err!r}", isinstance(err, UnauthorizedError))
-            sc.check("the realm saw the credentials", ts.seen_auth[0].startswith("Basic "))
-            sc.check("the other host never did", other.stats.authorization_seen == [])
-    finally:
-        other.stop()
+    with (
+        running_proxy(ts.server.address, host="127.0.0.2") as other,
+        Scenario("25 token realm redirects elsewhere: credentials not sent") as sc,
+    ):
+        ts.script.append(("redirect", other.address))
+        async with Client(retry=FAST, credentials=CREDS, docker_config=False) as c:
+            try:
+                await c.get(f"{token_registry.host}/test/small:v1")
+                err: BaseException | None = None
+            except Exception as exc:
+                err = exc
+        sc.check(f"refused at the other host: {err!r}", isinstance(err, UnauthorizedError))
+        sc.check("the realm saw the credentials", ts.seen_auth[0].startswith("Basic "))
+        sc.check("the other host never did", other.stats.authorization_seen == [])
 
 
 # --- row 26: the token endpoint misbehaves ----------------------------------------------
