@@ -447,3 +447,176 @@ def test_bytes_read_after_waiting_for_another_process_count_as_from_cache(
     s = summary(out)  # sizes are rounded to a tenth of a MiB
     assert s["cached"] >= 0.97 * len(blob), out
     assert s["fetched"] <= 1.03 * m.layers[1].size, out
+
+
+# --- the second attack: state files as symlinks, concurrent layouts, locks, takeovers ------
+
+
+async def test_symlinked_proof_and_lock_files_lead_nowhere_outside(tmp_path: Path) -> None:
+    img = random.image(64 * 1024, 2, seed=21)
+    cache_dir = tmp_path / "cache"
+    fs = FilesystemCache(cache_dir)
+    await layout.write(tmp_path / "a", cache.image(img, fs))
+    h, _ = await first_layer(img)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    # A proof file planted as a symlink to a file outside, with an old mtime.
+    target = outside / "proof.json"
+    meta = cache_dir / ".aiolayercache" / "meta" / f"{h.filename}.json"
+    target.write_bytes(meta.read_bytes())
+    os.utime(target, (1_000_000, 1_000_000))
+    meta.unlink()
+    meta.symlink_to(target)
+    # A lock file planted as a symlink to where a file would be created outside.
+    other = (await img.manifest()).layers[1].digest
+    (cache_dir / other.filename).unlink()  # so this layer is filled again, taking its lock
+    lock = cache_dir / ".aiolayercache" / "locks" / f"sha256-{other.hex}.lock"
+    lock.unlink(missing_ok=True)
+    lock.symlink_to(outside / "CREATED_BY_PULL")
+    from aiolayercache.cache import _proofs
+
+    _proofs._PROOFS.clear()  # as a new process: proofs are read from their files
+    _proofs._USED.clear()
+    await layout.write(tmp_path / "b", cache.image(img, FilesystemCache(cache_dir)))
+    await FilesystemCache(cache_dir).entries()
+    await FilesystemCache(cache_dir).prune(max_bytes=10**12)
+    assert target.stat().st_mtime == 1_000_000, "a proof outside the cache was touched"
+    assert sorted(p.name for p in outside.iterdir()) == ["proof.json"]
+    assert layout_blobs_verify(tmp_path / "b") == []
+
+
+async def test_two_writers_into_one_layout_at_once_keep_both_images(tmp_path: Path) -> None:
+    dest = tmp_path / "shared"
+    imgs = [random.image(256 * 1024, 3, seed=30 + i) for i in range(4)]
+    async with anyio.create_task_group() as tg:
+        for i, img in enumerate(imgs):
+            tg.start_soon(lambda i=i, img=img: layout.write(dest, img, ref_name=f"v{i}"))
+    names = sorted(
+        d["annotations"]["org.opencontainers.image.ref.name"]
+        for d in json.loads((dest / "index.json").read_bytes())["manifests"]
+    )
+    assert names == ["v0", "v1", "v2", "v3"]
+    for i, img in enumerate(imgs):
+        assert await (await layout.image(dest, f"v{i}")).digest() == await img.digest()
+
+
+_LOCKED_OUT_KID = r"""
+import sys, anyio, logging
+logging.basicConfig(level=logging.WARNING, format="%(message)s")
+from aiolayercache import cache, layout, random
+from aiolayercache.cache import FilesystemCache
+
+async def main():
+    img = random.image(128 * 1024, 2, seed=22)
+    await layout.write(sys.argv[2], cache.image(img, FilesystemCache(sys.argv[1])))
+
+anyio.run(main)
+"""
+
+
+@pytest.mark.parametrize("which", ["locks", "tmp"])
+def test_an_unwritable_state_dir_never_fails_a_pull(which: str, tmp_path: Path) -> None:
+    cache_dir = tmp_path / "cache"
+    anyio.run(FilesystemCache(cache_dir).sweep)
+    (cache_dir / ".aiolayercache" / which).chmod(0)
+    kid = tmp_path / "kid.py"
+    kid.write_text(_LOCKED_OUT_KID)
+    drop = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+    out = subprocess.run(
+        [*drop, sys.executable, str(kid), str(cache_dir), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    (cache_dir / ".aiolayercache" / which).chmod(0o755)
+    assert out.returncode == 0, out.stderr
+    assert "Traceback" not in out.stderr
+    assert layout_blobs_verify(tmp_path / "out") == []
+    if which == "locks":
+        assert out.stderr.count("cannot take entry locks") == 1, out.stderr
+
+
+async def test_verify_says_why_it_removed_each_entry(tmp_path: Path) -> None:
+    cache_dir = tmp_path / "cache"
+    fs = FilesystemCache(cache_dir)
+    img = random.image(64 * 1024, 1, seed=23)
+    await layout.write(tmp_path / "a", cache.image(img, fs))
+    h, _ = await first_layer(img)
+    good = tmp_path / "good-copy"
+    shutil.copy(cache_dir / h.filename, good)
+    (cache_dir / h.filename).unlink()
+    (cache_dir / h.filename).symlink_to(good)  # a symlink to a correct blob
+    rotten = Hash.of(b"something else")
+    (cache_dir / rotten.filename).write_bytes(b"not that")
+    report = await fs.verify()
+    assert report.reasons[h] == "it was a symlink, not a regular file"
+    assert report.reasons[rotten] == "its bytes do not match its name"
+    assert good.exists()
+
+
+async def test_verify_of_a_missing_cache_creates_nothing(tmp_path: Path) -> None:
+    report = await FilesystemCache(tmp_path / "none").verify()
+    assert (report.ok, report.removed) == (0, [])
+    assert not (tmp_path / "none").exists()
+
+
+_TAKEOVER_KID = r"""
+import sys, anyio
+from aiolayercache import cache, layout
+from aiolayercache.cache import FilesystemCache
+from aiolayercache.remote import Client
+
+async def main():
+    fs = FilesystemCache(sys.argv[1], stalled_fill_timeout=1.5)
+    async with Client() as c:
+        img = cache.image(await c.image(sys.argv[2]), fs)
+        await layout.write(sys.argv[3], img)
+
+anyio.run(main)
+"""
+
+
+def test_after_a_stalled_filler_one_process_fetches_for_all(
+    proxy: FaultProxy, published: Published, tmp_path: Path
+) -> None:
+    """Three processes wait on a filler that holds the lock and makes no progress: after
+    the stall timeout one of them fetches the layer; the others wait for it and read it."""
+    cache_dir = tmp_path / "cache"
+    anyio.run(FilesystemCache(cache_dir).sweep)
+    h = anyio.run(published.big.manifest).layers[0].digest
+    lock = os.open(
+        cache_dir / ".aiolayercache" / "locks" / f"sha256-{h.hex}.lock", os.O_RDWR | os.O_CREAT
+    )
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    (cache_dir / ".aiolayercache" / "tmp" / f".{h.hex[:16]}.0000000000000000.tmp").write_bytes(
+        b"stuck"
+    )
+    proxy.add(str(h), "throttle", 0.02, times=10)  # the taker's download takes a while
+    kid = tmp_path / "kid.py"
+    kid.write_text(_TAKEOVER_KID)
+    try:
+        kids = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    str(kid),
+                    str(cache_dir),
+                    f"{proxy.address}/test/big:v1",
+                    str(tmp_path / f"out{i}"),
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for i in range(3)
+        ]
+        results = [k.communicate(timeout=120) for k in kids]
+    finally:
+        os.close(lock)
+    for k, (_, err) in zip(kids, results, strict=True):
+        assert k.returncode == 0, err
+    gets = sum(n for path, n in proxy.stats.requests.items() if "GET" in path and h.hex in path)
+    assert gets == 1, f"{gets} downloads of the stalled layer; one process should fetch for all"
+    for i in range(3):
+        assert layout_blobs_verify(tmp_path / f"out{i}") == []

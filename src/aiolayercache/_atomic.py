@@ -64,7 +64,7 @@ def sweep_temps(directory: str, *, ours_only: bool = False) -> list[str]:
     removed: list[str] = []
     try:
         names = os.listdir(directory)
-    except (FileNotFoundError, NotADirectoryError):
+    except OSError:  # absent, not a directory, or not ours to list: nothing to sweep
         return removed
     for name in names:
         if not name.endswith(".tmp"):

@@ -12,7 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
 import os
+import secrets
 import stat
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,6 +48,7 @@ REF_NAME = "org.opencontainers.image.ref.name"
 _LAYOUT_FILE = b'{"imageLayoutVersion":"1.0.0"}'
 log = logging.getLogger("aiolayercache.layout")
 _CHUNK = 1024 * 1024
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
 
 
 class LayoutError(AioLayerCacheError):
@@ -184,7 +191,8 @@ class _Writer:
         self.reused = 0
 
     def _verified(self, h: Hash, size: int) -> bool:
-        """Is a good copy of ``h`` there already? A bad one is removed."""
+        """Is a good copy of ``h`` there already? A bad one stays until the new copy
+        replaces it by rename (the layout may be the source being read, too)."""
         path = _blob_path(self.root, h)
         try:
             st = os.lstat(path)
@@ -193,18 +201,16 @@ class _Writer:
         if stat.S_ISDIR(st.st_mode):
             raise LayoutError(f"{path}: a directory where blob {h} belongs")
         if not stat.S_ISREG(st.st_mode) or st.st_size != size:
-            os.unlink(path)  # a symlink, a FIFO or a short file: never read, replaced
-            return False
+            return False  # a symlink, a FIFO or a short file: never read, replaced
         if _proof_holds(path, h, st):
             return True
         hasher = h.hasher()
-        with open(path, "rb", buffering=0) as f:
+        with open(os.open(path, os.O_RDONLY | _NOFOLLOW), "rb", buffering=0) as f:
             while chunk := f.read(_CHUNK):
                 hasher.update(chunk)
         if hasher.hexdigest() == h.hex:
             _record_proof(path, h)
             return True
-        os.unlink(path)
         return False
 
     async def blob(self, desc: Descriptor, open_: partial.Opener) -> None:
@@ -325,10 +331,19 @@ def _prepare(root: str) -> bytes | None:
         log.info("layout %s: removed %d temp files of an interrupted write", root, len(swept))
     layout_file = p / "oci-layout"
     if not layout_file.exists():
-        tmp = p / ".oci-layout.tmp"
-        tmp.unlink(missing_ok=True)  # a leftover (or planted symlink) is not written through
-        tmp.write_bytes(_LAYOUT_FILE)
-        os.replace(tmp, layout_file)
+        # A name of our own (writers may run at once), created new: never written through
+        # a leftover or a planted symlink.
+        for attempt in range(5):
+            tmp = p / f".oci-layout.{secrets.token_hex(8)}.tmp"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o644)
+            with open(fd, "wb") as f:
+                f.write(_LAYOUT_FILE)
+            try:
+                os.replace(tmp, layout_file)
+                break
+            except FileNotFoundError:  # another writer's sweep took it (unlocked): again
+                if attempt == 4:
+                    raise
     if (p / "index.json").exists():
         return _read_index_json(root)
     return None
@@ -382,7 +397,8 @@ async def write_all(
         targets = [(await mutate.to_oci(t), name) for t, name in targets]
     root = await anyio.to_thread.run_sync(os.path.realpath, path)
     try:
-        existing = await anyio.to_thread.run_sync(_prepare, root)
+        # An index.json that cannot be read fails the write now, before any blob moves.
+        await anyio.to_thread.run_sync(_prepare, root)
     except OSError as exc:
         raise LayoutError(f"{root}: cannot prepare the layout: {exc.strerror}") from exc
     w = _Writer(root, durability == "full", concurrency)
@@ -407,9 +423,45 @@ async def write_all(
                 annotations={REF_NAME: ref_name},
             )
         named.append(desc)
+    if w.durable:
+        # The blobs' names are on disk before index.json can point at them.
+        for d in sorted(w.dirs):
+            await anyio.to_thread.run_sync(fsync_dir, d)
+    # Read, merge and replace index.json under the layout's lock: two writers into one
+    # layout at once (two pulls) each add their images; neither loses the other's.
+    lock = await _lock_layout(root)
+    try:
+        await _update_index(root, named, durability == "full")
+    finally:
+        os.close(lock)  # drops the flock
+    return named
+
+
+async def _lock_layout(root: str) -> int:
+    """An exclusive ``flock`` on the layout directory itself (no file is added to it)."""
+    fd = os.open(root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+    if fcntl is None:  # pragma: no cover - Windows: no lock
+        return fd
+    delay = 0.005
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd
+            except BlockingIOError:
+                await anyio.sleep(delay)  # another writer is replacing index.json: briefly
+                delay = min(delay * 2, 0.1)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+async def _update_index(root: str, named: list[Descriptor], durable: bool) -> None:
+    """index.json with ``named`` added (replacing entries of the same ref name), atomically."""
+    current = await anyio.to_thread.run_sync(_current_index, root)
     manifests: list[Descriptor] = []
-    if existing is not None:
-        manifests = list(IndexManifest.parse(existing).manifests)
+    if current is not None:
+        manifests = list(IndexManifest.parse(current).manifests)
     for desc in named:
         name = (desc.annotations or {}).get(REF_NAME)
         manifests = [
@@ -422,13 +474,7 @@ async def write_all(
         ]
         manifests.append(desc)
     doc = IndexManifest(schema_version=2, manifests=manifests, media_type=MediaType.OCI_IMAGE_INDEX)
-    if w.durable:
-        # The blobs' names are on disk before index.json can point at them.
-        for d in sorted(w.dirs):
-            await anyio.to_thread.run_sync(fsync_dir, d)
-    out = AtomicFile(
-        os.path.join(root, "index.json"), root, durable=durability == "full", tag="index"
-    )
+    out = AtomicFile(os.path.join(root, "index.json"), root, durable=durable, tag="index")
     await out.open()
     try:
         await out.write(doc.to_json())
@@ -436,4 +482,9 @@ async def write_all(
     except BaseException:
         await out.discard()
         raise
-    return named
+
+
+def _current_index(root: str) -> bytes | None:
+    if os.path.lexists(os.path.join(root, "index.json")):
+        return _read_index_json(root)
+    return None

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import errno
 import logging
 import os
 import time
@@ -31,9 +32,12 @@ __all__ = ["FLIGHTS", "OPENING", "EntryLocks", "Flight", "unlock"]
 
 log = logging.getLogger("aiolayercache.cache")
 
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 # A wait on another process's fill longer than this is logged, with what it waits for.
 _NOTICE_AFTER = 5.0
 _NOTICE_EVERY = 30.0
+# How many times waiters move on from a stalled filler to a new one before each fetches.
+_TAKEOVERS = 2
 
 
 class Flight:
@@ -78,9 +82,21 @@ class EntryLocks:
         self.lockdir = lockdir
         self.tmpdir = tmpdir
 
-    def try_lock(self, h: Hash) -> int | None:
-        path = os.path.join(self.lockdir, f"{h.algorithm}-{h.hex}.lock")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+    def try_lock(self, h: Hash, generation: int = 0) -> int | None:
+        """Entry ``h``'s lock file (of a takeover ``generation``), locked; None if held.
+
+        Never through a symlink: one planted in our locks directory is removed."""
+        name = f"{h.algorithm}-{h.hex}.lock" + (f".{generation}" if generation else "")
+        path = os.path.join(self.lockdir, name)
+        flags = os.O_RDWR | os.O_CREAT | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+        try:
+            fd = os.open(path, flags, 0o644)
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            os.unlink(path)
+            log.warning("cache %s: lock file %s was a symlink; removed", self.label, path)
+            fd = os.open(path, flags, 0o644)
         if fcntl is None:  # pragma: no cover - Windows: in-process single-flight only
             return fd
         try:
@@ -95,16 +111,21 @@ class EntryLocks:
 
         Polls with a growing pause (10 ms to 250 ms), so waiting stays
         cancellable. A wait of more than a few seconds is logged with what it
-        waits for; when the other process's temp file has not grown for
-        ``stalled_after`` seconds, the wait ends without the lock (None): the
-        entry is then fetched here too (the rename keeps either copy whole).
+        waits for. When the filler's temp file has not grown for
+        ``stalled_after`` seconds, the waiters move on to the next lock file of
+        the entry (a takeover generation): the first to get it fetches the
+        entry, the others wait on it, so a stalled filler costs one more
+        download, not one per waiter. After a few generations the wait ends
+        without a lock (None) and the entry is fetched here too (the rename
+        keeps either copy whole).
         """
         delay = 0.01
+        generation = 0
         started = last_check = last_growth = time.monotonic()
         told = -_NOTICE_EVERY
         seen = -1
         while True:
-            fd = self.try_lock(h)
+            fd = self.try_lock(h, generation)
             if fd is not None:
                 return fd
             await anyio.sleep(delay)
@@ -117,14 +138,25 @@ class EntryLocks:
             if size != seen:
                 seen, last_growth = size, now
             if now - last_growth >= stalled_after:
+                stalled = now - last_growth
+                if generation >= _TAKEOVERS:
+                    log.warning(
+                        "cache %s: the fill of %s made no progress for %.0f s; fetching it here",
+                        self.label,
+                        h,
+                        stalled,
+                    )
+                    return None
+                generation += 1
+                last_growth = now
                 log.warning(
                     "cache %s: another process filling %s made no progress for %.0f s; "
-                    "fetching it here",
+                    "taking over (one process fetches it)",
                     self.label,
                     h,
-                    now - last_growth,
+                    stalled,
                 )
-                return None
+                continue
             if now - started >= _NOTICE_AFTER and now - told >= _NOTICE_EVERY:
                 told = now
                 log.warning(

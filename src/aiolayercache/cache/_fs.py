@@ -83,6 +83,7 @@ class FilesystemCache:
         self.write_errors = 0
         self._store: ProofStore | None = None
         self._locks: EntryLocks | None = None
+        self._warned_locks = False
 
     def __repr__(self) -> str:
         return f"FilesystemCache({os.fspath(self.path)!r})"
@@ -177,6 +178,8 @@ class FilesystemCache:
         Removed too: entries that cannot be read, and whatever sits at an entry's
         name without being a regular file (a directory, a FIFO, a symlink).
         """
+        if await self._peek() is None:
+            return VerifyReport()  # no cache there: nothing to verify, and nothing is made
         swept = await self.sweep()  # a first use sweeps: count those too
         report = await anyio.to_thread.run_sync(_upkeep.verify_all, await self._ready())
         report.temps_removed += swept
@@ -272,6 +275,17 @@ class FilesystemCache:
         store = await self._ready()
         await anyio.to_thread.run_sync(store.save, store.entry(h), meta)
 
+    def _no_locks(self, exc: OSError) -> None:
+        """Fill without the cross-process lock (in-process single-flight still holds)."""
+        if not self._warned_locks:
+            self._warned_locks = True
+            log.warning(
+                "cache %s: cannot take entry locks (%s); other processes may fetch the same "
+                "layers at the same time",
+                self.path,
+                exc.strerror or exc,
+            )
+
     def _write_error(self, h: Hash, exc: BaseException) -> None:
         self.write_errors += 1
         log.warning("cache %s: not caching %s: %s", self.path, h, exc)
@@ -310,7 +324,10 @@ class FilesystemCache:
             FLIGHTS[key] = flight
             lock_fd: int | None = None
             try:
-                lock_fd = await self._locks.lock(h, self.stalled_fill_timeout)
+                try:
+                    lock_fd = await self._locks.lock(h, self.stalled_fill_timeout)
+                except OSError as exc:  # the locks directory cannot be used
+                    self._no_locks(exc)
                 # Another process may have committed the entry while we waited for its lock.
                 stream = await self.open_committed(h)
             except BaseException:

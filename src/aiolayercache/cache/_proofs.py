@@ -52,6 +52,20 @@ _PROOFS: dict[str, Meta] = {}
 _USED: dict[str, float] = {}
 
 
+def what_it_is(st: os.stat_result) -> str:
+    """``a directory``, ``a symlink``, ``a FIFO``, ... in words, for messages."""
+    for test, words in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISLNK, "a symlink"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISREG, "a regular file"),
+    ):
+        if test(st.st_mode):
+            return words
+    return "a device"
+
+
 def entry_name(h: Hash) -> str:
     """The file name of entry ``h`` (ggcr's: ``sha256:<hex>``, ``sha256-<hex>`` on Windows)."""
     # A Hash is validated at construction: its file name has no separator.
@@ -86,9 +100,10 @@ class ProofStore:
             return
         tmp = os.path.join(self.tmpdir, f"meta.{secrets.token_hex(6)}.tmp")
         try:
-            with open(tmp, "w") as f:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o644)
+            with open(fd, "w") as f:
                 json.dump(asdict(meta), f)
-            os.replace(tmp, self.meta_path(entry))
+            os.replace(tmp, self.meta_path(entry))  # replaces a planted symlink, not its target
         except OSError as exc:
             log.debug("cache %s: cannot save proof for %s: %s", self.label, entry, exc)
             with contextlib.suppress(OSError):
@@ -99,7 +114,8 @@ class ProofStore:
         if m is not None:
             return m
         try:
-            with open(self.meta_path(entry)) as f:
+            # Never through a symlink: a proof file that leads elsewhere is no proof.
+            with open(os.open(self.meta_path(entry), os.O_RDONLY | _NOFOLLOW)) as f:
                 return Meta(**json.load(f))
         except (OSError, ValueError, TypeError):
             return None
@@ -123,7 +139,7 @@ class ProofStore:
             return
         _USED[entry] = now
         with contextlib.suppress(OSError):
-            os.utime(self.meta_path(entry))
+            os.utime(self.meta_path(entry), follow_symlinks=False)
 
     # --- lookups --------------------------------------------------------------------
 
@@ -163,34 +179,40 @@ class ProofStore:
 
     def verify(self, h: Hash, entry: str, old: Meta | None) -> Meta | None:
         """Hash ``entry`` in full; record and return its proof, or remove it if it is bad."""
+        return self.check(h, entry, old)[0]
+
+    def check(
+        self, h: Hash, entry: str, old: Meta | None, *, upkeep: bool = False
+    ) -> tuple[Meta | None, str]:
+        """:meth:`verify`, with the reason when there is no proof (``""`` if it is gone).
+
+        With ``upkeep`` an unreadable entry is not announced as fetched again."""
         hasher = h.hasher()
         head = b""
         try:
             fd = os.open(entry, os.O_RDONLY | _NOFOLLOW)
         except FileNotFoundError:
-            return None
+            return None, ""
         except OSError as exc:
-            self.unusable(entry, exc)
-            return None
+            return None, self.unusable(entry, exc, quiet=upkeep)
         try:
             with open(fd, "rb", buffering=0) as f:
                 before = os.fstat(f.fileno())
                 if not stat.S_ISREG(before.st_mode):
-                    return None  # replaced by something else since the lstat
+                    return None, "replaced by something that is not a file while being read"
                 while chunk := f.read(CHUNK_SIZE):
                     if not head:
                         head = chunk[:512]
                     hasher.update(chunk)
                 after = os.fstat(f.fileno())
         except OSError as exc:
-            self.unusable(entry, exc)
-            return None
+            return None, self.unusable(entry, exc, quiet=upkeep)
         if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns):
-            return None  # being written by someone else right now: not proven
+            return None, "changed while being read (another tool writing it?)"
         if hasher.hexdigest() != h.hex:
             self.remove_if_same(entry, after)
             log.warning("cache %s: removed entry %s: its bytes do not match", self.label, h)
-            return None
+            return None, "its bytes do not match its name"
         kind = sniff(head)
         info: dict[str, Any] = {}
         if old is not None:
@@ -201,14 +223,16 @@ class ProofStore:
             info["digest"] = str(h)  # a compressed layer, or a blob served as it is
         meta = Meta(after.st_size, after.st_mtime_ns, after.st_ino, kind, **info)
         self.save(entry, meta)
-        return meta
+        return meta, ""
 
     # --- what is not a good entry ---------------------------------------------------
 
-    def unusable(self, entry: str, exc: OSError) -> None:
-        """An entry we cannot read is a miss: say so once, and forget its proof."""
+    def unusable(self, entry: str, exc: OSError, *, quiet: bool = False) -> str:
+        """An entry we cannot read is a miss: say so once, and forget its proof.
+        Returns the reason, in words."""
         self.forget_proof(entry)
-        if entry not in self._warned:
+        why = f"cannot be read ({exc.strerror or exc})"
+        if not quiet and entry not in self._warned:
             self._warned.add(entry)
             log.warning(
                 "cache %s: cannot read entry %s (%s); fetching it again",
@@ -216,21 +240,23 @@ class ProofStore:
                 os.path.basename(entry),
                 exc.strerror or exc,
             )
+        return why
 
-    def set_aside(self, entry: str, st: os.stat_result) -> None:
-        """Move something that is not a regular file out of an entry's name."""
-        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+    def set_aside(self, entry: str, st: os.stat_result) -> str:
+        """Move something that is not a regular file out of an entry's name.
+        Returns what it was, in words."""
+        kind = what_it_is(st)
         name = os.path.basename(entry)
         self.forget(entry)
         aside = os.path.join(self.asidedir, f"{name}.{secrets.token_hex(4)}")
         try:
             os.rename(entry, aside)
         except FileNotFoundError:
-            return
+            return kind
         except OSError as exc:
             why = exc.strerror or exc
             log.warning("cache %s: entry %s is %s; cannot move it: %s", self.label, name, kind, why)
-            return
+            return kind
         log.warning(
             "cache %s: entry %s was %s; moved to %s (`cache verify` removes it)",
             self.label,
@@ -238,6 +264,7 @@ class ProofStore:
             kind,
             aside,
         )
+        return kind
 
     def remove_if_same(self, entry: str, seen: os.stat_result) -> None:
         """Remove ``entry`` if it is still the file ``seen`` describes."""

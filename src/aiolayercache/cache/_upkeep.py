@@ -16,6 +16,7 @@ import stat
 from dataclasses import dataclass, field
 
 from .._atomic import sweep_temps
+from .._errors import CacheDirectoryError
 from .._hash import Hash
 from ._proofs import _PROOFS, ProofStore
 
@@ -43,12 +44,20 @@ class VerifyReport:
     ok: int = 0
     removed: list[Hash] = field(default_factory=list)
     temps_removed: int = 0
+    #: why each removed entry went, in words
+    reasons: dict[Hash, str] = field(default_factory=dict)
 
 
 def _scan(store: ProofStore) -> list[tuple[Hash, str, os.stat_result]]:
     """Every name in the cache that is an entry's name, with its ``lstat``."""
     out: list[tuple[Hash, str, os.stat_result]] = []
-    for name in os.listdir(store.root):
+    try:
+        names = os.listdir(store.root)
+    except OSError as exc:
+        raise CacheDirectoryError(
+            f"cache path {store.label} cannot be read: {exc.strerror or exc}"
+        ) from exc
+    for name in names:
         alg, sep, hex_ = name.partition("-" if os.name == "nt" else ":")
         try:
             h = Hash(alg, hex_) if sep else None
@@ -72,7 +81,7 @@ def entries(store: ProofStore) -> list[EntryInfo]:
             continue  # not an entry; `verify` moves it away
         m = store.load(entry)
         try:
-            used = os.stat(store.meta_path(entry)).st_mtime
+            used = os.lstat(store.meta_path(entry)).st_mtime
         except OSError:
             used = st.st_mtime
         if not os.access(entry, os.R_OK):
@@ -92,19 +101,24 @@ def verify_all(store: ProofStore) -> VerifyReport:
     report = VerifyReport()
     for h, entry, st in _scan(store):
         if not stat.S_ISREG(st.st_mode):
-            store.set_aside(entry, st)
+            kind = store.set_aside(entry, st)
             report.removed.append(h)
+            report.reasons[h] = f"it was {kind}, not a regular file"
             continue
         _PROOFS.pop(entry, None)
         with contextlib.suppress(OSError):
             os.unlink(store.meta_path(entry))
-        if store.verify(h, entry, None) is not None:
+        meta, why = store.check(h, entry, None, upkeep=True)
+        if meta is not None:
             report.ok += 1
             continue
+        if not why:
+            continue  # gone meanwhile
         with contextlib.suppress(FileNotFoundError):
             os.unlink(entry)  # unreadable: of no use to anyone here
         store.forget(entry)
         report.removed.append(h)
+        report.reasons[h] = why
     _empty_aside(store)
     report.temps_removed = len(sweep_temps(store.tmpdir))
     return report

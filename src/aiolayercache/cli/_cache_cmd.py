@@ -37,7 +37,7 @@ async def cache_command(args: argparse.Namespace) -> int:
     elif action == "verify":
         report = await fs.verify()
         for h in report.removed:
-            print(f"removed {h}: its bytes do not match its name")
+            print(f"removed {h}: {report.reasons.get(h, 'its bytes do not match its name')}")
         print(
             f"{report.ok} entries verified, {len(report.removed)} removed, "
             f"{report.temps_removed} stale temp files removed"
