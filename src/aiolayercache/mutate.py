@@ -13,9 +13,8 @@ from __future__ import annotations
 import json
 from typing import Any, overload
 
-import anyio
-
 from ._hash import Hash
+from ._once import Once
 from ._protocols import Image, ImageIndex, Layer
 from ._types import ConfigFile, IndexManifest, Manifest, MediaType, is_index_type
 from .partial import _nested_depth
@@ -106,37 +105,36 @@ class _OCIIndex:
         self._inner = inner
         self._depth = depth
         self._memo: _Memo = {} if memo is None else memo
-        self._raw: bytes | None = None
+        self._raw: Once[bytes] = Once(self._convert)
         self._children: dict[Hash, Image | ImageIndex] = {}
-        self._lock = anyio.Lock()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
     async def _build(self) -> bytes:
-        async with self._lock:
-            if self._raw is None:
-                doc = json.loads(await self._inner.raw_manifest())
-                doc["mediaType"] = str(MediaType.OCI_IMAGE_INDEX)
-                for d in doc.get("manifests", []):
-                    h = Hash.parse(d["digest"])
-                    nested = is_index_type(d.get("mediaType"))
-                    child: Image | ImageIndex | None = self._memo.get((h, nested))
-                    if child is None:
-                        if nested:
-                            depth = _nested_depth(self._depth, await self._inner.digest(), h)
-                            inner = await self._inner.image_index(h)
-                            child = _OCIIndex(inner, depth, self._memo)
-                        else:
-                            child = await to_oci(await self._inner.image(h))
-                    new = await child.digest()  # an index builds here, before it is shared
-                    self._memo[h, nested] = child
-                    self._children[new] = child
-                    d["mediaType"] = await child.media_type()
-                    d["digest"] = str(new)
-                    d["size"] = await child.size()
-                self._raw = _dump(doc)
-        return self._raw
+        return await self._raw.get()
+
+    async def _convert(self) -> bytes:
+        doc = json.loads(await self._inner.raw_manifest())
+        doc["mediaType"] = str(MediaType.OCI_IMAGE_INDEX)
+        for d in doc.get("manifests", []):
+            h = Hash.parse(d["digest"])
+            nested = is_index_type(d.get("mediaType"))
+            child: Image | ImageIndex | None = self._memo.get((h, nested))
+            if child is None:
+                if nested:
+                    depth = _nested_depth(self._depth, await self._inner.digest(), h)
+                    inner = await self._inner.image_index(h)
+                    child = _OCIIndex(inner, depth, self._memo)
+                else:
+                    child = await to_oci(await self._inner.image(h))
+            new = await child.digest()  # an index builds here, before it is shared
+            self._memo[h, nested] = child
+            self._children[new] = child
+            d["mediaType"] = await child.media_type()
+            d["digest"] = str(new)
+            d["size"] = await child.size()
+        return _dump(doc)
 
     async def media_type(self) -> str:
         return MediaType.OCI_IMAGE_INDEX

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-import anyio
 from anyio.abc import ByteReceiveStream
 
 from ._errors import ChildNotFoundError, DigestMismatchError, LayerNotFoundError, ManifestError
 from ._hash import Hash
+from ._once import Once
 from ._protocols import Image, ImageIndex, Layer
 from ._types import (
     MAX_DOCUMENT_BYTES,
@@ -62,8 +62,7 @@ class _CompressedLayer:
         self._digest = digest
         self._size = size
         self._media_type = media_type
-        self._diff_id = diff_id
-        self._lock = anyio.Lock()
+        self._diff_id = Once(self.compute_diff_id, diff_id)
 
     def __repr__(self) -> str:
         return f"<layer {self._digest} {self._size} bytes>"
@@ -78,11 +77,15 @@ class _CompressedLayer:
         return self._media_type
 
     async def diff_id(self) -> Hash:
-        if self._diff_id is None:
-            async with self._lock:
-                if self._diff_id is None:
-                    self._diff_id, _ = await hash_stream(await self.uncompressed())
-        return self._diff_id
+        return await self._diff_id.get()
+
+    async def compute_diff_id(self) -> Hash:
+        """The diff_id when none was given: the hash of :meth:`uncompressed`.
+
+        Called once, by the first :meth:`diff_id`; override to find it another way.
+        """
+        diff_id, _ = await hash_stream(await self.uncompressed())
+        return diff_id
 
     async def compressed(self) -> ByteReceiveStream:
         return await self._opener()
@@ -96,39 +99,34 @@ class _UncompressedLayer:
 
     def __init__(self, opener: Opener, diff_id: Hash | None, media_type: str, level: int) -> None:
         self._opener = opener
-        self._diff_id = diff_id
         self._media_type = media_type
         self._level = level
-        self._digest: Hash | None = None
-        self._size = -1
-        self._lock = anyio.Lock()
+        self._compressed = Once(self._hash_compressed)
+        self._diff_id = Once(self._hash_uncompressed, diff_id)
 
     def __repr__(self) -> str:
-        return f"<uncompressed layer {self._diff_id}>"
+        return f"<uncompressed layer {self._diff_id.peek()}>"
 
-    async def _compute(self) -> None:
-        async with self._lock:
-            if self._digest is None:
-                self._digest, self._size = await hash_stream(await self.compressed())
+    async def _hash_compressed(self) -> tuple[Hash, int]:
+        return await hash_stream(await self.compressed())
+
+    async def _hash_uncompressed(self) -> Hash:
+        diff_id, _ = await hash_stream(await self._opener())
+        return diff_id
 
     async def digest(self) -> Hash:
-        await self._compute()
-        assert self._digest is not None
-        return self._digest
+        digest, _ = await self._compressed.get()
+        return digest
 
     async def size(self) -> int:
-        await self._compute()
-        return self._size
+        _, size = await self._compressed.get()
+        return size
 
     async def media_type(self) -> str:
         return self._media_type
 
     async def diff_id(self) -> Hash:
-        if self._diff_id is None:
-            async with self._lock:
-                if self._diff_id is None:
-                    self._diff_id, _ = await hash_stream(await self._opener())
-        return self._diff_id
+        return await self._diff_id.get()
 
     async def compressed(self) -> ByteReceiveStream:
         return GzipStream(await self._opener(), self._level)
@@ -210,12 +208,11 @@ class _PartialImage:
         self._manifest = Manifest.parse(self._raw)
         self._digest = Hash.of(self._raw)
         self._open_blob = open_blob
-        self._raw_config = raw_config
+        self._raw_config = Once(self._fetch_config, raw_config)
         mt = media_type or self._manifest.media_type or MediaType.OCI_MANIFEST_SCHEMA1
         self._media_type = mt
         self._layers: list[Layer] | None = None
         self._config: ConfigFile | None = None
-        self._lock = anyio.Lock()
 
     def __repr__(self) -> str:
         return f"<image {self._digest}>"
@@ -239,23 +236,20 @@ class _PartialImage:
         return self._manifest.config.digest
 
     async def raw_config_file(self) -> bytes:
-        if self._raw_config is None:
-            async with self._lock:
-                if self._raw_config is None:
-                    desc = self._manifest.config
-                    if desc.size > MAX_DOCUMENT_BYTES:
-                        raise ManifestError(
-                            f"config {desc.digest}: {desc.size} bytes is over the "
-                            f"{MAX_DOCUMENT_BYTES} cap"
-                        )
-                    if desc.data is not None:
-                        stream: ByteReceiveStream = BytesStream(desc.data)
-                    else:
-                        stream = await self._open_blob(desc)
-                    what = f"config {desc.digest}"
-                    verified = VerifyingStream(stream, desc.digest, desc.size, what=what)
-                    self._raw_config = await read_all(verified)
-        return self._raw_config
+        return await self._raw_config.get()
+
+    async def _fetch_config(self) -> bytes:
+        desc = self._manifest.config
+        if desc.size > MAX_DOCUMENT_BYTES:
+            raise ManifestError(
+                f"config {desc.digest}: {desc.size} bytes is over the {MAX_DOCUMENT_BYTES} cap"
+            )
+        if desc.data is not None:
+            stream: ByteReceiveStream = BytesStream(desc.data)
+        else:
+            stream = await self._open_blob(desc)
+        verified = VerifyingStream(stream, desc.digest, desc.size, what=f"config {desc.digest}")
+        return await read_all(verified)
 
     async def config_file(self) -> ConfigFile:
         if self._config is None:
@@ -311,12 +305,11 @@ class _IndexedLayer(_CompressedLayer):
         self._img = img
         self._i = i
 
-    async def diff_id(self) -> Hash:
-        if self._diff_id is None:
-            ids = (await self._img.config_file()).rootfs.diff_ids
-            if len(ids) == len(self._img._manifest.layers):
-                self._diff_id = ids[self._i]
-        return await super().diff_id()
+    async def compute_diff_id(self) -> Hash:
+        ids = (await self._img.config_file()).rootfs.diff_ids
+        if len(ids) == len((await self._img.manifest()).layers):
+            return ids[self._i]
+        return await super().compute_diff_id()
 
 
 def image(

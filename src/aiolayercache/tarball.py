@@ -25,6 +25,7 @@ from anyio.abc import ByteReceiveStream
 from . import partial
 from ._errors import AioLayerCacheError, ManifestError
 from ._hash import Hash
+from ._once import Once
 from ._protocols import Image, Layer
 from ._tarball_write import kind as _kind
 from ._tarball_write import write
@@ -97,8 +98,7 @@ class _FileLayer:
         self._offset = offset
         self._size = size
         self._media_type = media_type
-        self._inner: Layer | None = None
-        self._lock = anyio.Lock()
+        self._inner: Once[Layer] = Once(self._detect)
 
     def __repr__(self) -> str:
         return f"<layer from {self._path}>"
@@ -106,24 +106,22 @@ class _FileLayer:
     async def _open(self) -> ByteReceiveStream:
         return await _RangeStream.open(self._path, self._offset, self._size)
 
+    async def _detect(self) -> Layer:
+        kind = _kind(await read_all_head(await self._open()))
+        if kind == "tar":
+            return partial.uncompressed_layer(
+                self._open, media_type=self._media_type or MediaType.DOCKER_LAYER
+            )
+        digest, size = await hash_stream(await self._open())
+        mt = self._media_type or (
+            MediaType.OCI_LAYER_ZSTD if kind == "zstd" else MediaType.DOCKER_LAYER
+        )
+        return partial.compressed_layer(
+            self._verified(digest, size), digest=digest, size=size, media_type=mt
+        )
+
     async def _get(self) -> Layer:
-        async with self._lock:
-            if self._inner is None:
-                head = await read_all_head(await self._open())
-                kind = _kind(head)
-                if kind == "tar":
-                    self._inner = partial.uncompressed_layer(
-                        self._open, media_type=self._media_type or MediaType.DOCKER_LAYER
-                    )
-                else:
-                    digest, size = await hash_stream(await self._open())
-                    mt = self._media_type or (
-                        MediaType.OCI_LAYER_ZSTD if kind == "zstd" else MediaType.DOCKER_LAYER
-                    )
-                    self._inner = partial.compressed_layer(
-                        self._verified(digest, size), digest=digest, size=size, media_type=mt
-                    )
-        return self._inner
+        return await self._inner.get()
 
     def _verified(self, digest: Hash, size: int) -> partial.Opener:
         async def open_() -> ByteReceiveStream:

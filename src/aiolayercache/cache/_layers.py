@@ -90,13 +90,13 @@ class _CachedCompressed(partial._CompressedLayer):
         super().__init__(_EntryOpener(entries, h), h, meta.size, mt, diff_id)
         self.stored_size = meta.size
         self._entries = entries
+        self._h = h
         self._meta = meta
 
-    async def diff_id(self) -> Hash:
-        had = self._diff_id is not None
-        out = await super().diff_id()
-        if not had:
-            await self._entries.remember(self._digest, replace(self._meta, diff_id=str(out)))
+    async def compute_diff_id(self) -> Hash:
+        # Hashed from the entry once: kept with it, so it is never hashed again.
+        out = await super().compute_diff_id()
+        await self._entries.remember(self._h, replace(self._meta, diff_id=str(out)))
         return out
 
 
