@@ -262,11 +262,13 @@ class _Archive:
         return known
 
 
-class _TarballImage(partial._PartialImage):
+class _TarballImage(partial.ManifestImage):
     """An image of a docker save archive; ``repo_tags`` as the archive names them."""
 
     def __init__(self, raw: bytes, open_blob: partial.BlobOpener, raw_config: bytes) -> None:
-        super().__init__(raw, open_blob, raw_config, MediaType.OCI_MANIFEST_SCHEMA1)
+        super().__init__(
+            raw, open_blob, raw_config=raw_config, media_type=MediaType.OCI_MANIFEST_SCHEMA1
+        )
         self.repo_tags: list[str] = []
 
 

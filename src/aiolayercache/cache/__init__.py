@@ -28,7 +28,7 @@ from .._types import (
     is_index_type,
 )
 from .._wrap import LayerWrapper
-from ..partial import _ConfigLayer, _nested_depth
+from ..partial import ConfigLayer, _nested_depth
 from ..streams import drain, read_all
 from ._fs import EntryInfo, FilesystemCache, VerifyReport
 from ._memory import MemoryCache
@@ -122,7 +122,7 @@ class _CachedImage:
             except LayerNotFoundError:
                 # Fetched inside the cache's fill, so one task or process fetches it and
                 # the others read what it committed (single-flight, as for layers).
-                put = await self._c.put(_ConfigLayer(self._inner.raw_config_file, desc))
+                put = await self._c.put(ConfigLayer(self._inner.raw_config_file, desc))
                 self._raw_config = await read_all(await put.compressed(), MAX_DOCUMENT_BYTES)
         return self._raw_config
 

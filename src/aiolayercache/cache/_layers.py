@@ -79,7 +79,7 @@ class _EntryOpener:
         raise LayerNotFoundError(f"{self._h} is no longer in {self._entries!r}")
 
 
-class _CachedCompressed(partial._CompressedLayer):
+class _CachedCompressed(partial.CompressedLayer):
     """A layer served from a compressed (gzip / zstd) entry, keyed by digest."""
 
     def __init__(self, entries: Entries, h: Hash, meta: Meta) -> None:
@@ -87,7 +87,9 @@ class _CachedCompressed(partial._CompressedLayer):
             MediaType.OCI_LAYER_ZSTD if meta.kind == "zstd" else MediaType.DOCKER_LAYER
         )
         diff_id = Hash.parse(meta.diff_id) if meta.diff_id else None
-        super().__init__(_EntryOpener(entries, h), h, meta.size, mt, diff_id)
+        super().__init__(
+            _EntryOpener(entries, h), digest=h, size=meta.size, media_type=mt, diff_id=diff_id
+        )
         self.stored_size = meta.size
         self._entries = entries
         self._h = h
@@ -100,12 +102,12 @@ class _CachedCompressed(partial._CompressedLayer):
         return out
 
 
-class _CachedUncompressed(partial._UncompressedLayer):
+class _CachedUncompressed(partial.UncompressedLayer):
     """A layer served from an uncompressed tar entry, keyed by diff_id; gzip'd on the fly."""
 
     def __init__(self, entries: Entries, h: Hash, meta: Meta) -> None:
         mt = meta.media_type or MediaType.DOCKER_LAYER
-        super().__init__(_EntryOpener(entries, h), h, mt, 1)
+        super().__init__(_EntryOpener(entries, h), diff_id=h, media_type=mt, level=1)
         self.stored_size = meta.size
 
 
