@@ -16,7 +16,8 @@ from typing import Any, overload
 from ._hash import Hash
 from ._once import Once
 from ._protocols import Image, ImageIndex, Layer
-from ._types import ConfigFile, IndexManifest, Manifest, MediaType, is_index_type
+from ._types import IndexManifest, Manifest, MediaType, is_index_type
+from ._wrap import ImageWrapper, IndexWrapper, LayerWrapper
 from .partial import _nested_depth
 
 __all__ = ["to_oci"]
@@ -33,28 +34,24 @@ def _dump(doc: dict[str, Any]) -> bytes:
     return json.dumps(doc, separators=(",", ":")).encode()
 
 
-class _Retyped:
+class _Retyped(LayerWrapper):
     """A layer with another media type; everything else is the inner layer's."""
 
     def __init__(self, inner: Layer, media_type: str) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self._media_type = media_type
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
 
     async def media_type(self) -> str:
         return self._media_type
 
 
-class _OCIImage:
+class _OCIImage(ImageWrapper):
+    """An image with an OCI manifest: its layers retyped to match; config and bytes the same."""
+
     def __init__(self, inner: Image, raw: bytes) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self._raw = raw
         self._manifest = Manifest.parse(raw)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
 
     async def media_type(self) -> str:
         return MediaType.OCI_MANIFEST_SCHEMA1
@@ -70,9 +67,6 @@ class _OCIImage:
 
     async def size(self) -> int:
         return len(self._raw)
-
-    async def config_file(self) -> ConfigFile:
-        return await self._inner.config_file()
 
     async def layers(self) -> list[Layer]:
         out: list[Layer] = []
@@ -100,16 +94,15 @@ class _OCIImage:
 _Memo = dict[tuple[Hash, bool], Any]
 
 
-class _OCIIndex:
+class _OCIIndex(IndexWrapper):
+    """An OCI index whose children, recursively, are converted on the first ask for its bytes."""
+
     def __init__(self, inner: ImageIndex, depth: int = 0, memo: _Memo | None = None) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self._depth = depth
         self._memo: _Memo = {} if memo is None else memo
         self._raw: Once[bytes] = Once(self._convert)
         self._children: dict[Hash, Image | ImageIndex] = {}
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
 
     async def _build(self) -> bytes:
         return await self._raw.get()

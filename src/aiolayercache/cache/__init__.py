@@ -23,11 +23,9 @@ from .._types import (
     MAX_DOCUMENT_BYTES,
     ConfigFile,
     Descriptor,
-    IndexManifest,
-    Manifest,
     is_index_type,
 )
-from .._wrap import LayerWrapper
+from .._wrap import ImageWrapper, IndexWrapper, LayerWrapper
 from ..partial import ConfigLayer, _nested_depth
 from ..streams import drain, read_all
 from ._fs import EntryInfo, FilesystemCache, VerifyReport
@@ -82,9 +80,11 @@ class _LazyLayer(LayerWrapper):
         return await (await self._c.put(self._inner)).uncompressed()
 
 
-class _CachedImage:
+class _CachedImage(ImageWrapper):
+    """An image whose layers and config are read through a cache (ggcr ``cache.Image``)."""
+
     def __init__(self, inner: Image, c: Cache) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self._c = c
         self._raw_config: bytes | None = None
         self._config: ConfigFile | None = None
@@ -102,15 +102,6 @@ class _CachedImage:
                 for d, i in zip(descs, diff_ids, strict=True)
             ]
         return [_LazyLayer(x, self._c) for x in await self._inner.layers()]
-
-    async def media_type(self) -> str:
-        return await self._inner.media_type()
-
-    async def size(self) -> int:
-        return await self._inner.size()
-
-    async def config_name(self) -> Hash:
-        return await self._inner.config_name()
 
     async def raw_config_file(self) -> bytes:
         # The config is a blob too: kept in the cache, so a warm pull fetches no blob.
@@ -130,15 +121,6 @@ class _CachedImage:
         if self._config is None:
             self._config = ConfigFile.parse(await self.raw_config_file())
         return self._config
-
-    async def digest(self) -> Hash:
-        return await self._inner.digest()
-
-    async def manifest(self) -> Manifest:
-        return await self._inner.manifest()
-
-    async def raw_manifest(self) -> bytes:
-        return await self._inner.raw_manifest()
 
     async def _described(self, *, digest: Hash | None, diff_id: Hash | None) -> Layer | None:
         """A lazily cached layer known from manifest and config alone, if they name it."""
@@ -196,28 +178,15 @@ class _DescribedLayer:
         return await (await self._img.layer_by_digest(self._desc.digest)).uncompressed()
 
 
-class _CachedIndex:
+class _CachedIndex(IndexWrapper):
+    """An index whose children, recursively, are read through a cache."""
+
     def __init__(self, inner: ImageIndex, c: Cache) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self._c = c
 
     def __repr__(self) -> str:
         return f"<{self._inner!r} through {self._c!r}>"
-
-    async def media_type(self) -> str:
-        return await self._inner.media_type()
-
-    async def digest(self) -> Hash:
-        return await self._inner.digest()
-
-    async def size(self) -> int:
-        return await self._inner.size()
-
-    async def index_manifest(self) -> IndexManifest:
-        return await self._inner.index_manifest()
-
-    async def raw_manifest(self) -> bytes:
-        return await self._inner.raw_manifest()
 
     async def image(self, h: Hash) -> Image:
         return image(await self._inner.image(h), self._c)
