@@ -15,6 +15,7 @@ import json
 import os
 import posixpath
 import tarfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import aiofiles
@@ -26,7 +27,7 @@ from . import partial
 from ._errors import AioLayerCacheError, ManifestError
 from ._hash import Hash
 from ._once import Once
-from ._protocols import Image, Layer
+from ._protocols import Layer
 from ._tarball_write import kind as _kind
 from ._tarball_write import write
 from ._types import MAX_DOCUMENT_BYTES, ConfigFile, Descriptor, MediaType
@@ -42,6 +43,7 @@ __all__ = [
     "MAX_ARCHIVE_IMAGES",
     "MAX_IMAGE_LAYERS",
     "TarballError",
+    "TarballImage",
     "image",
     "images",
     "layer_from_file",
@@ -262,22 +264,44 @@ class _Archive:
         return known
 
 
-class _TarballImage(partial.ManifestImage):
-    """An image of a docker save archive; ``repo_tags`` as the archive names them."""
+class TarballImage(partial.ManifestImage):
+    """An image of a ``docker save`` archive, as :func:`images` and :func:`image` return it.
 
-    def __init__(self, raw: bytes, open_blob: partial.BlobOpener, raw_config: bytes) -> None:
+    An OCI image (:class:`~aiolayercache.partial.ManifestImage`) whose blobs
+    are members of the archive, read verified.
+
+    :param raw_manifest: the OCI manifest made for it
+    :param open_blob: opens the archive member a descriptor names
+    :param raw_config: the config member's bytes
+    :param repo_tags: the tags the archive gives it
+    """
+
+    #: The tags ``manifest.json`` gives the image (``RepoTags``), in its order; may be empty.
+    repo_tags: list[str]
+
+    def __init__(
+        self,
+        raw_manifest: bytes,
+        open_blob: partial.BlobOpener,
+        *,
+        raw_config: bytes,
+        repo_tags: Sequence[str] = (),
+    ) -> None:
         super().__init__(
-            raw, open_blob, raw_config=raw_config, media_type=MediaType.OCI_MANIFEST_SCHEMA1
+            raw_manifest,
+            open_blob,
+            raw_config=raw_config,
+            media_type=MediaType.OCI_MANIFEST_SCHEMA1,
         )
-        self.repo_tags: list[str] = []
+        self.repo_tags = list(repo_tags)
 
 
-async def images(path: str | os.PathLike[str]) -> list[Image]:
+async def images(path: str | os.PathLike[str]) -> list[TarballImage]:
     """Every image of a ``docker save`` archive, in ``manifest.json`` order.
 
-    Each has a ``repo_tags`` attribute. Layers are hashed once here, to build
-    the manifest (an OCI manifest; plain tar layers keep their bytes and use
-    the uncompressed layer media type).
+    Each is a :class:`TarballImage`, its tags in ``repo_tags``. Layers are
+    hashed once here, to build the manifest (an OCI manifest; plain tar
+    layers keep their bytes and use the uncompressed layer media type).
 
     :raises TarballError: not an archive, a member named unsafely or missing,
         or more images or layers than the caps.
@@ -297,7 +321,7 @@ async def images(path: str | os.PathLike[str]) -> list[Image]:
         raise TarballError(
             f"{p}: manifest.json lists {len(entries)} images, over the cap of {MAX_ARCHIVE_IMAGES}"
         )
-    out: list[Image] = []
+    out: list[TarballImage] = []
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or not isinstance(entry.get("Layers"), list):
             raise ManifestError(f"{p}: manifest.json entry {i} needs 'Config' and 'Layers'")
@@ -347,16 +371,15 @@ async def images(path: str | os.PathLike[str]) -> list[Image]:
 
             return open_blob
 
-        img = _TarballImage(raw, opener(), raw_config)
         tags = entry.get("RepoTags") or []
         if not isinstance(tags, list):
             raise ManifestError(f"{p}: manifest.json entry {i}: 'RepoTags' must be a list")
-        img.repo_tags = [t for t in tags if isinstance(t, str)]
-        out.append(img)
+        repo_tags = [t for t in tags if isinstance(t, str)]
+        out.append(TarballImage(raw, opener(), raw_config=raw_config, repo_tags=repo_tags))
     return out
 
 
-async def image(path: str | os.PathLike[str], tag: str | None = None) -> Image:
+async def image(path: str | os.PathLike[str], tag: str | None = None) -> TarballImage:
     """One image of a ``docker save`` archive: the one tagged ``tag``, or the only one."""
     imgs = await images(path)
     if tag is None:
@@ -364,6 +387,6 @@ async def image(path: str | os.PathLike[str], tag: str | None = None) -> Image:
             raise TarballError(f"{os.fspath(path)}: {len(imgs)} images; name one by tag")
         return imgs[0]
     for img in imgs:
-        if tag in getattr(img, "repo_tags", []):
+        if tag in img.repo_tags:
             return img
     raise TarballError(f"{os.fspath(path)}: no image tagged {tag!r}")

@@ -38,6 +38,7 @@ __all__ = [
     "LayerNotFoundError",
     "MemoryCache",
     "PrefetchStats",
+    "StoredSize",
     "VerifyReport",
     "image",
     "image_index",
@@ -53,6 +54,21 @@ class Cache(Protocol):
     async def put(self, layer: Layer) -> Layer: ...
     async def get(self, h: Hash) -> Layer: ...
     async def delete(self, h: Hash) -> None: ...
+
+
+@runtime_checkable
+class StoredSize(Protocol):
+    """A layer of a cache that knows how many bytes its entry holds, without reading it.
+
+    :func:`prefetch` counts a hit's bytes by it: for an uncompressed entry,
+    ``size()`` is the size of the gzip made of it on the fly, so asking would
+    compress the whole entry. A cache whose layers lack it is counted by
+    ``size()``.
+    """
+
+    async def stored_size(self) -> int:
+        """The bytes of the entry, as stored."""
+        ...
 
 
 class _LazyLayer(LayerWrapper):
@@ -281,9 +297,7 @@ async def prefetch(
                 pass
             else:
                 stats.hits += 1
-                size = getattr(hit, "stored_size", None)
-                if not isinstance(size, int):
-                    size = await hit.size()
+                size = await (hit.stored_size() if isinstance(hit, StoredSize) else hit.size())
                 stats.bytes_from_cache += size  # not `+= await`: that loses updates
                 return
             stats.misses += 1

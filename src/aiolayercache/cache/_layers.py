@@ -90,10 +90,13 @@ class _CachedCompressed(partial.CompressedLayer):
         super().__init__(
             _EntryOpener(entries, h), digest=h, size=meta.size, media_type=mt, diff_id=diff_id
         )
-        self.stored_size = meta.size
         self._entries = entries
         self._h = h
         self._meta = meta
+
+    async def stored_size(self) -> int:
+        """The bytes of the entry (a ``cache.StoredSize``)."""
+        return self._meta.size
 
     async def compute_diff_id(self) -> Hash:
         # Hashed from the entry once: kept with it, so it is never hashed again.
@@ -108,7 +111,11 @@ class _CachedUncompressed(partial.UncompressedLayer):
     def __init__(self, entries: Entries, h: Hash, meta: Meta) -> None:
         mt = meta.media_type or MediaType.DOCKER_LAYER
         super().__init__(_EntryOpener(entries, h), diff_id=h, media_type=mt, level=1)
-        self.stored_size = meta.size
+        self._stored_size = meta.size
+
+    async def stored_size(self) -> int:
+        """The bytes of the tar entry, not of the gzip made of it (a ``cache.StoredSize``)."""
+        return self._stored_size
 
 
 def cached_layer(entries: Entries, h: Hash, meta: Meta) -> Layer:
