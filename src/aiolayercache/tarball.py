@@ -109,7 +109,7 @@ class _FileLayer:
         return await _RangeStream.open(self._path, self._offset, self._size)
 
     async def _detect(self) -> Layer:
-        kind = _kind(await read_all_head(await self._open()))
+        kind = _kind(await _read_head(await self._open()))
         if kind == "tar":
             return partial.uncompressed_layer(
                 self._open, media_type=self._media_type or MediaType.DOCKER_LAYER
@@ -150,7 +150,7 @@ class _FileLayer:
         return await (await self._get()).uncompressed()
 
 
-async def read_all_head(stream: ByteReceiveStream, n: int = 4) -> bytes:
+async def _read_head(stream: ByteReceiveStream, n: int = 4) -> bytes:
     async with stream:
         try:
             return (await stream.receive(n))[:n]
@@ -245,7 +245,7 @@ class _Archive:
         m = self.member(name)
         known = self._layers.get(m)
         if known is None:
-            head = await read_all_head(await _RangeStream.open(self.path, m.offset, m.size))
+            head = await _read_head(await _RangeStream.open(self.path, m.offset, m.size))
             digest, _ = await hash_stream(await _RangeStream.open(self.path, m.offset, m.size))
             known = self._layers[m] = (digest, _kind(head))
         return m, *known
