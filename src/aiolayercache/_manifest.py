@@ -205,15 +205,8 @@ class Manifest:
         )
 
     def to_json(self) -> bytes:
-        d: dict[str, Any] = {"schemaVersion": self.schema_version}
-        _put(d, "mediaType", None if self.media_type is None else str(self.media_type))
-        _put(d, "artifactType", self.artifact_type)
-        d["config"] = self.config._to_dict()
-        d["layers"] = [x._to_dict() for x in self.layers]
-        if self.subject is not None:
-            d["subject"] = self.subject._to_dict()
-        _put(d, "annotations", self.annotations)
-        return _dump(d)
+        body = {"config": self.config._to_dict(), "layers": [x._to_dict() for x in self.layers]}
+        return _document(self, body)
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,11 +240,16 @@ class IndexManifest:
         )
 
     def to_json(self) -> bytes:
-        d: dict[str, Any] = {"schemaVersion": self.schema_version}
-        _put(d, "mediaType", None if self.media_type is None else str(self.media_type))
-        _put(d, "artifactType", self.artifact_type)
-        d["manifests"] = [x._to_dict() for x in self.manifests]
-        if self.subject is not None:
-            d["subject"] = self.subject._to_dict()
-        _put(d, "annotations", self.annotations)
-        return _dump(d)
+        return _document(self, {"manifests": [x._to_dict() for x in self.manifests]})
+
+
+def _document(m: Manifest | IndexManifest, body: dict[str, Any]) -> bytes:
+    """The bytes of manifest or index ``m`` whose own fields are ``body``, keys in spec order."""
+    d: dict[str, Any] = {"schemaVersion": m.schema_version}
+    _put(d, "mediaType", None if m.media_type is None else str(m.media_type))
+    _put(d, "artifactType", m.artifact_type)
+    d.update(body)
+    if m.subject is not None:
+        d["subject"] = m.subject._to_dict()
+    _put(d, "annotations", m.annotations)
+    return _dump(d)
