@@ -365,7 +365,7 @@ async def test_we_read_what_skopeo_pulls(
     timg = await tarball.image(archive)
     await validate.image(timg)
     assert await diff_ids(timg) == await diff_ids(want)
-    assert any(t.endswith(f"test/{name}:v1") for t in timg.repo_tags)  # type: ignore[attr-defined]
+    assert any(t.endswith(f"test/{name}:v1") for t in timg.repo_tags)
 
 
 async def test_we_read_a_multi_platform_layout_from_skopeo(

@@ -13,11 +13,11 @@ from __future__ import annotations
 import json
 from typing import Any, overload
 
-import anyio
-
 from ._hash import Hash
+from ._once import Once
 from ._protocols import Image, ImageIndex, Layer
-from ._types import ConfigFile, IndexManifest, Manifest, MediaType, is_index_type
+from ._types import IndexManifest, Manifest, MediaType, is_index_type
+from ._wrap import ImageWrapper, IndexWrapper, LayerWrapper
 from .partial import _nested_depth
 
 __all__ = ["to_oci"]
@@ -34,28 +34,24 @@ def _dump(doc: dict[str, Any]) -> bytes:
     return json.dumps(doc, separators=(",", ":")).encode()
 
 
-class _Retyped:
+class _Retyped(LayerWrapper):
     """A layer with another media type; everything else is the inner layer's."""
 
     def __init__(self, inner: Layer, media_type: str) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self._media_type = media_type
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
 
     async def media_type(self) -> str:
         return self._media_type
 
 
-class _OCIImage:
+class _OCIImage(ImageWrapper):
+    """An image with an OCI manifest: its layers retyped to match; config and bytes the same."""
+
     def __init__(self, inner: Image, raw: bytes) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self._raw = raw
         self._manifest = Manifest.parse(raw)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
 
     async def media_type(self) -> str:
         return MediaType.OCI_MANIFEST_SCHEMA1
@@ -71,9 +67,6 @@ class _OCIImage:
 
     async def size(self) -> int:
         return len(self._raw)
-
-    async def config_file(self) -> ConfigFile:
-        return await self._inner.config_file()
 
     async def layers(self) -> list[Layer]:
         out: list[Layer] = []
@@ -101,42 +94,40 @@ class _OCIImage:
 _Memo = dict[tuple[Hash, bool], Any]
 
 
-class _OCIIndex:
+class _OCIIndex(IndexWrapper):
+    """An OCI index whose children, recursively, are converted on the first ask for its bytes."""
+
     def __init__(self, inner: ImageIndex, depth: int = 0, memo: _Memo | None = None) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self._depth = depth
         self._memo: _Memo = {} if memo is None else memo
-        self._raw: bytes | None = None
+        self._raw: Once[bytes] = Once(self._convert)
         self._children: dict[Hash, Image | ImageIndex] = {}
-        self._lock = anyio.Lock()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
 
     async def _build(self) -> bytes:
-        async with self._lock:
-            if self._raw is None:
-                doc = json.loads(await self._inner.raw_manifest())
-                doc["mediaType"] = str(MediaType.OCI_IMAGE_INDEX)
-                for d in doc.get("manifests", []):
-                    h = Hash.parse(d["digest"])
-                    nested = is_index_type(d.get("mediaType"))
-                    child: Image | ImageIndex | None = self._memo.get((h, nested))
-                    if child is None:
-                        if nested:
-                            depth = _nested_depth(self._depth, await self._inner.digest(), h)
-                            inner = await self._inner.image_index(h)
-                            child = _OCIIndex(inner, depth, self._memo)
-                        else:
-                            child = await to_oci(await self._inner.image(h))
-                    new = await child.digest()  # an index builds here, before it is shared
-                    self._memo[h, nested] = child
-                    self._children[new] = child
-                    d["mediaType"] = await child.media_type()
-                    d["digest"] = str(new)
-                    d["size"] = await child.size()
-                self._raw = _dump(doc)
-        return self._raw
+        return await self._raw.get()
+
+    async def _convert(self) -> bytes:
+        doc = json.loads(await self._inner.raw_manifest())
+        doc["mediaType"] = str(MediaType.OCI_IMAGE_INDEX)
+        for d in doc.get("manifests", []):
+            h = Hash.parse(d["digest"])
+            nested = is_index_type(d.get("mediaType"))
+            child: Image | ImageIndex | None = self._memo.get((h, nested))
+            if child is None:
+                if nested:
+                    depth = _nested_depth(self._depth, await self._inner.digest(), h)
+                    inner = await self._inner.image_index(h)
+                    child = _OCIIndex(inner, depth, self._memo)
+                else:
+                    child = await to_oci(await self._inner.image(h))
+            new = await child.digest()  # an index builds here, before it is shared
+            self._memo[h, nested] = child
+            self._children[new] = child
+            d["mediaType"] = await child.media_type()
+            d["digest"] = str(new)
+            d["size"] = await child.size()
+        return _dump(doc)
 
     async def media_type(self) -> str:
         return MediaType.OCI_IMAGE_INDEX

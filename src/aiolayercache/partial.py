@@ -7,134 +7,49 @@ can open a compressed blob gets a whole :class:`Layer` from
 blobs gets a whole :class:`Image` from :func:`image`, and an index from
 :func:`index`. Derived values (a diff_id never stated, the digest of a layer
 compressed on the fly) are computed lazily, once.
+
+The classes behind those functions are the extension points, public as
+ggcr's ``partial`` is: subclass :class:`CompressedLayer`,
+:class:`UncompressedLayer`, :class:`ManifestImage` or :class:`ManifestIndex`
+to serve bytes from elsewhere or carry more (the filesystem cache's layers,
+``random``'s images, ``tarball.TarballImage``), overriding only what
+changes (:meth:`CompressedLayer.compute_diff_id`, a stream).
+:class:`ConfigLayer` is an image's config seen as a layer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-
-import anyio
-from anyio.abc import ByteReceiveStream
-
-from ._errors import ChildNotFoundError, DigestMismatchError, LayerNotFoundError, ManifestError
 from ._hash import Hash
-from ._protocols import Image, ImageIndex, Layer
-from ._types import (
-    MAX_DOCUMENT_BYTES,
-    MAX_INDEX_DEPTH,
-    ConfigFile,
-    Descriptor,
-    IndexManifest,
-    Manifest,
-    MediaType,
-    is_image_type,
-    is_index_type,
+from ._partial_layers import CompressedLayer, ConfigLayer, Opener, UncompressedLayer
+from ._partial_manifests import (
+    BlobOpener,
+    ManifestFetcher,
+    ManifestImage,
+    ManifestIndex,
 )
-from .streams import BytesStream, GzipStream, VerifyingStream, decompress, hash_stream, read_all
+from ._partial_manifests import _nested_depth as _nested_depth  # for the walks of other modules
+from ._protocols import Image, ImageIndex, Layer
+from ._types import MediaType
 
 __all__ = [
     "BlobOpener",
+    "CompressedLayer",
+    "ConfigLayer",
     "ManifestFetcher",
+    "ManifestImage",
+    "ManifestIndex",
     "Opener",
+    "UncompressedLayer",
     "compressed_layer",
     "image",
     "index",
     "uncompressed_layer",
 ]
 
-Opener = Callable[[], Awaitable[ByteReceiveStream]]
-BlobOpener = Callable[[Descriptor], Awaitable[ByteReceiveStream]]
-ManifestFetcher = Callable[[Descriptor], Awaitable[bytes]]
-
-
-class _CompressedLayer:
-    """A Layer from an opener of its compressed bytes plus what the manifest says."""
-
-    def __init__(
-        self,
-        opener: Opener,
-        digest: Hash,
-        size: int,
-        media_type: str,
-        diff_id: Hash | None,
-    ) -> None:
-        self._opener = opener
-        self._digest = digest
-        self._size = size
-        self._media_type = media_type
-        self._diff_id = diff_id
-        self._lock = anyio.Lock()
-
-    def __repr__(self) -> str:
-        return f"<layer {self._digest} {self._size} bytes>"
-
-    async def digest(self) -> Hash:
-        return self._digest
-
-    async def size(self) -> int:
-        return self._size
-
-    async def media_type(self) -> str:
-        return self._media_type
-
-    async def diff_id(self) -> Hash:
-        if self._diff_id is None:
-            async with self._lock:
-                if self._diff_id is None:
-                    self._diff_id, _ = await hash_stream(await self.uncompressed())
-        return self._diff_id
-
-    async def compressed(self) -> ByteReceiveStream:
-        return await self._opener()
-
-    async def uncompressed(self) -> ByteReceiveStream:
-        return await decompress(await self.compressed())
-
-
-class _UncompressedLayer:
-    """A Layer from an opener of its uncompressed tar; compressed with gzip on the fly."""
-
-    def __init__(self, opener: Opener, diff_id: Hash | None, media_type: str, level: int) -> None:
-        self._opener = opener
-        self._diff_id = diff_id
-        self._media_type = media_type
-        self._level = level
-        self._digest: Hash | None = None
-        self._size = -1
-        self._lock = anyio.Lock()
-
-    def __repr__(self) -> str:
-        return f"<uncompressed layer {self._diff_id}>"
-
-    async def _compute(self) -> None:
-        async with self._lock:
-            if self._digest is None:
-                self._digest, self._size = await hash_stream(await self.compressed())
-
-    async def digest(self) -> Hash:
-        await self._compute()
-        assert self._digest is not None
-        return self._digest
-
-    async def size(self) -> int:
-        await self._compute()
-        return self._size
-
-    async def media_type(self) -> str:
-        return self._media_type
-
-    async def diff_id(self) -> Hash:
-        if self._diff_id is None:
-            async with self._lock:
-                if self._diff_id is None:
-                    self._diff_id, _ = await hash_stream(await self._opener())
-        return self._diff_id
-
-    async def compressed(self) -> ByteReceiveStream:
-        return GzipStream(await self._opener(), self._level)
-
-    async def uncompressed(self) -> ByteReceiveStream:
-        return await self._opener()
+# Shown (in reprs, docs, pickles) where they are public.
+for _cls in (CompressedLayer, ConfigLayer, ManifestImage, ManifestIndex, UncompressedLayer):
+    _cls.__module__ = __name__
+del _cls
 
 
 def compressed_layer(
@@ -148,9 +63,9 @@ def compressed_layer(
     """A full Layer from an opener of the compressed bytes (gzip, zstd or plain tar).
 
     ``uncompressed()`` inflates by magic; ``diff_id()`` is computed on first
-    use when not given.
+    use when not given. A :class:`CompressedLayer`.
     """
-    return _CompressedLayer(opener, digest, size, media_type, diff_id)
+    return CompressedLayer(opener, digest=digest, size=size, media_type=media_type, diff_id=diff_id)
 
 
 def uncompressed_layer(
@@ -160,163 +75,11 @@ def uncompressed_layer(
     media_type: str = MediaType.DOCKER_LAYER,
     level: int = 1,
 ) -> Layer:
-    """A full Layer from an opener of the uncompressed tar, gzip'd on the fly."""
-    return _UncompressedLayer(opener, diff_id, media_type, level)
+    """A full Layer from an opener of the uncompressed tar, gzip'd on the fly.
 
-
-class _ConfigLayer:
-    """The config blob seen as a layer (``layer_by_digest(config_name)``, as ggcr does).
-
-    ``raw`` is the config's bytes, or an async function that fetches them when read.
+    An :class:`UncompressedLayer`.
     """
-
-    def __init__(self, raw: bytes | Callable[[], Awaitable[bytes]], desc: Descriptor) -> None:
-        self._raw = raw
-        self._desc = desc
-
-    async def _bytes(self) -> bytes:
-        return self._raw if isinstance(self._raw, bytes) else await self._raw()
-
-    async def digest(self) -> Hash:
-        return self._desc.digest
-
-    async def diff_id(self) -> Hash:
-        return self._desc.digest
-
-    async def size(self) -> int:
-        return self._desc.size
-
-    async def media_type(self) -> str:
-        return self._desc.media_type
-
-    async def compressed(self) -> ByteReceiveStream:
-        return BytesStream(await self._bytes())
-
-    async def uncompressed(self) -> ByteReceiveStream:
-        return BytesStream(await self._bytes())
-
-
-class _PartialImage:
-    """An Image from its raw manifest and a way to open blobs."""
-
-    def __init__(
-        self,
-        raw_manifest: bytes,
-        open_blob: BlobOpener,
-        raw_config: bytes | None,
-        media_type: str | None,
-    ) -> None:
-        self._raw = bytes(raw_manifest)
-        self._manifest = Manifest.parse(self._raw)
-        self._digest = Hash.of(self._raw)
-        self._open_blob = open_blob
-        self._raw_config = raw_config
-        mt = media_type or self._manifest.media_type or MediaType.OCI_MANIFEST_SCHEMA1
-        self._media_type = mt
-        self._layers: list[Layer] | None = None
-        self._config: ConfigFile | None = None
-        self._lock = anyio.Lock()
-
-    def __repr__(self) -> str:
-        return f"<image {self._digest}>"
-
-    async def media_type(self) -> str:
-        return self._media_type
-
-    async def size(self) -> int:
-        return len(self._raw)
-
-    async def digest(self) -> Hash:
-        return self._digest
-
-    async def raw_manifest(self) -> bytes:
-        return self._raw
-
-    async def manifest(self) -> Manifest:
-        return self._manifest
-
-    async def config_name(self) -> Hash:
-        return self._manifest.config.digest
-
-    async def raw_config_file(self) -> bytes:
-        if self._raw_config is None:
-            async with self._lock:
-                if self._raw_config is None:
-                    desc = self._manifest.config
-                    if desc.size > MAX_DOCUMENT_BYTES:
-                        raise ManifestError(
-                            f"config {desc.digest}: {desc.size} bytes is over the "
-                            f"{MAX_DOCUMENT_BYTES} cap"
-                        )
-                    if desc.data is not None:
-                        stream: ByteReceiveStream = BytesStream(desc.data)
-                    else:
-                        stream = await self._open_blob(desc)
-                    what = f"config {desc.digest}"
-                    verified = VerifyingStream(stream, desc.digest, desc.size, what=what)
-                    self._raw_config = await read_all(verified)
-        return self._raw_config
-
-    async def config_file(self) -> ConfigFile:
-        if self._config is None:
-            self._config = ConfigFile.parse(await self.raw_config_file())
-        return self._config
-
-    async def layers(self) -> list[Layer]:
-        if self._layers is None:
-            descs = self._manifest.layers
-            diff_ids: list[Hash] = []
-            if descs:
-                diff_ids = (await self.config_file()).rootfs.diff_ids
-            known = len(diff_ids) == len(descs)
-            self._layers = [
-                _CompressedLayer(
-                    self._opener(d), d.digest, d.size, d.media_type, diff_ids[i] if known else None
-                )
-                for i, d in enumerate(descs)
-            ]
-        return self._layers
-
-    def _opener(self, desc: Descriptor) -> Opener:
-        async def open_() -> ByteReceiveStream:
-            return await self._open_blob(desc)
-
-        return open_
-
-    async def layer_by_digest(self, h: Hash) -> Layer:
-        if h == self._manifest.config.digest:
-            return _ConfigLayer(await self.raw_config_file(), self._manifest.config)
-        for i, d in enumerate(self._manifest.layers):
-            if d.digest == h:
-                if self._layers is not None:
-                    return self._layers[i]
-                # Without reading the config: its diff_id is looked up only if asked for.
-                return _IndexedLayer(self, i, self._opener(d), d)
-        raise LayerNotFoundError(f"image {self._digest} has no layer with digest {h}")
-
-    async def layer_by_diff_id(self, h: Hash) -> Layer:
-        diff_ids = (await self.config_file()).rootfs.diff_ids
-        layers = await self.layers()
-        for i, d in enumerate(diff_ids):
-            if d == h and i < len(layers):
-                return layers[i]
-        raise LayerNotFoundError(f"image {self._digest} has no layer with diff_id {h}")
-
-
-class _IndexedLayer(_CompressedLayer):
-    """Layer ``i`` of an image, made before the config is read; diff_id comes from it."""
-
-    def __init__(self, img: _PartialImage, i: int, opener: Opener, desc: Descriptor) -> None:
-        super().__init__(opener, desc.digest, desc.size, desc.media_type, None)
-        self._img = img
-        self._i = i
-
-    async def diff_id(self) -> Hash:
-        if self._diff_id is None:
-            ids = (await self._img.config_file()).rootfs.diff_ids
-            if len(ids) == len(self._img._manifest.layers):
-                self._diff_id = ids[self._i]
-        return await super().diff_id()
+    return UncompressedLayer(opener, diff_id=diff_id, media_type=media_type, level=level)
 
 
 def image(
@@ -331,94 +94,9 @@ def image(
     The config is read through ``open_blob`` (verified, capped) unless
     ``raw_config`` is given. ``media_type`` defaults to the manifest's own.
     Raises :class:`ManifestError` at once if the manifest does not parse.
+    A :class:`ManifestImage`.
     """
-    return _PartialImage(raw_manifest, open_blob, raw_config, media_type)
-
-
-def _nested_depth(depth: int, parent: object, child: Hash) -> int:
-    """The depth of index ``child`` of ``parent`` (at ``depth``), or a ManifestError past the cap.
-
-    The one check of :data:`MAX_INDEX_DEPTH`: every walk over an index tree
-    (reading, validating, prefetching, writing, converting) calls it before
-    it opens a nested index, so a deep tree is a typed error, never a
-    ``RecursionError``.
-    """
-    if depth >= MAX_INDEX_DEPTH:
-        raise ManifestError(
-            f"index {child} (child of index {parent}) is nested {depth + 1} levels deep, "
-            f"over the cap of {MAX_INDEX_DEPTH}"
-        )
-    return depth + 1
-
-
-class _PartialIndex:
-    """An ImageIndex from its raw manifest, a manifest fetcher and a blob opener.
-
-    ``depth`` counts the indexes above this one since the index first read.
-    """
-
-    def __init__(
-        self,
-        raw_manifest: bytes,
-        fetch_manifest: ManifestFetcher,
-        open_blob: BlobOpener,
-        media_type: str | None,
-        depth: int = 0,
-    ) -> None:
-        self._depth = depth
-        self._raw = bytes(raw_manifest)
-        self._manifest = IndexManifest.parse(self._raw)
-        self._digest = Hash.of(self._raw)
-        self._fetch = fetch_manifest
-        self._open_blob = open_blob
-        self._media_type = media_type or self._manifest.media_type or MediaType.OCI_IMAGE_INDEX
-
-    def __repr__(self) -> str:
-        return f"<index {self._digest}>"
-
-    async def media_type(self) -> str:
-        return self._media_type
-
-    async def digest(self) -> Hash:
-        return self._digest
-
-    async def size(self) -> int:
-        return len(self._raw)
-
-    async def raw_manifest(self) -> bytes:
-        return self._raw
-
-    async def index_manifest(self) -> IndexManifest:
-        return self._manifest
-
-    async def _child(self, h: Hash) -> tuple[Descriptor, bytes]:
-        for d in self._manifest.manifests:
-            if d.digest == h:
-                break
-        else:
-            raise ChildNotFoundError(f"index {self._digest} has no child {h}")
-        raw = d.data if d.data is not None else await self._fetch(d)
-        hasher = h.hasher()
-        hasher.update(raw)
-        actual = Hash(h.algorithm, hasher.hexdigest())
-        if actual != h:
-            raise DigestMismatchError(f"manifest {h} (child of index {self._digest})", h, actual)
-        return d, raw
-
-    async def image(self, h: Hash) -> Image:
-        d, raw = await self._child(h)
-        if is_index_type(d.media_type):
-            raise ManifestError(f"child {h} of index {self._digest} is an index, not an image")
-        mt = d.media_type if is_image_type(d.media_type) else None
-        return _PartialImage(raw, self._open_blob, None, mt)
-
-    async def image_index(self, h: Hash) -> ImageIndex:
-        depth = _nested_depth(self._depth, self._digest, h)
-        d, raw = await self._child(h)
-        if is_image_type(d.media_type):
-            raise ManifestError(f"child {h} of index {self._digest} is an image, not an index")
-        mt = d.media_type if is_index_type(d.media_type) else None
-        return _PartialIndex(raw, self._fetch, self._open_blob, mt, depth)
+    return ManifestImage(raw_manifest, open_blob, raw_config=raw_config, media_type=media_type)
 
 
 def index(
@@ -433,5 +111,6 @@ def index(
     Child manifests are checked against their digest before they are parsed;
     ``image_index`` raises :class:`ManifestError` for an index nested more than
     :data:`~aiolayercache._types.MAX_INDEX_DEPTH` levels below this one.
+    A :class:`ManifestIndex`.
     """
-    return _PartialIndex(raw_manifest, fetch_manifest, open_blob, media_type)
+    return ManifestIndex(raw_manifest, fetch_manifest, open_blob, media_type=media_type)

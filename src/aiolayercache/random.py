@@ -14,6 +14,7 @@ import tarfile
 import zlib
 from collections.abc import Sequence
 from random import Random
+from typing import NamedTuple
 
 import zstandard
 from anyio.abc import ByteReceiveStream
@@ -85,6 +86,13 @@ class _Blobs:
             raise LayerNotFoundError(f"no manifest {desc.digest}") from None
 
 
+class _Listing(NamedTuple):
+    """What :func:`index_of` lists of a child it made: its manifest and media type."""
+
+    raw: bytes
+    media_type: str
+
+
 def _make_layer(byte_size: int, media_type: str, rng: Random | None) -> tuple[bytes, Hash, Hash]:
     name = _random_bytes(8, rng).hex()
     tar = _tar_one_file(name, _random_bytes(byte_size, rng))
@@ -106,12 +114,13 @@ def layer(
     )
 
 
-class _RandomImage(partial._PartialImage):
+class _RandomImage(partial.ManifestImage):
     """What :func:`image` returns: an Image that keeps its blobs, for :func:`index_of`."""
 
     def __init__(self, raw: bytes, blobs: _Blobs, media_type: str) -> None:
-        super().__init__(raw, blobs.open_blob, None, media_type)
+        super().__init__(raw, blobs.open_blob, media_type=media_type)
         self._blobs = blobs
+        self._listing = _Listing(raw, media_type)
 
 
 def _build_image(
@@ -173,12 +182,13 @@ def image(
     return _RandomImage(raw, blobs, media_type)
 
 
-class _RandomIndex(partial._PartialIndex):
+class _RandomIndex(partial.ManifestIndex):
     """What :func:`index` returns: an ImageIndex that keeps its blobs, for :func:`index_of`."""
 
     def __init__(self, raw: bytes, blobs: _Blobs, media_type: str) -> None:
-        super().__init__(raw, blobs.fetch_manifest, blobs.open_blob, media_type)
+        super().__init__(raw, blobs.fetch_manifest, blobs.open_blob, media_type=media_type)
         self._blobs = blobs
+        self._listing = _Listing(raw, media_type)
 
 
 def index_of(
@@ -194,13 +204,10 @@ def index_of(
         if not isinstance(child, _RandomImage | _RandomIndex):
             raise TypeError("index_of takes images and indexes made by aiolayercache.random")
         blobs.merge(child._blobs)
-        digest = Hash.of(child._raw)
-        blobs.manifests[digest] = child._raw
-        desc: dict[str, object] = {
-            "mediaType": str(child._media_type),
-            "size": len(child._raw),
-            "digest": str(digest),
-        }
+        raw, mt = child._listing
+        digest = Hash.of(raw)
+        blobs.manifests[digest] = raw
+        desc: dict[str, object] = {"mediaType": str(mt), "size": len(raw), "digest": str(digest)}
         plat = platforms[i] if platforms is not None else None
         if isinstance(plat, str):
             plat = Platform.from_string(plat)

@@ -15,6 +15,7 @@ import json
 import os
 import posixpath
 import tarfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import aiofiles
@@ -25,7 +26,8 @@ from anyio.abc import ByteReceiveStream
 from . import partial
 from ._errors import AioLayerCacheError, ManifestError
 from ._hash import Hash
-from ._protocols import Image, Layer
+from ._once import Once
+from ._protocols import Layer
 from ._tarball_write import kind as _kind
 from ._tarball_write import write
 from ._types import MAX_DOCUMENT_BYTES, ConfigFile, Descriptor, MediaType
@@ -41,6 +43,7 @@ __all__ = [
     "MAX_ARCHIVE_IMAGES",
     "MAX_IMAGE_LAYERS",
     "TarballError",
+    "TarballImage",
     "image",
     "images",
     "layer_from_file",
@@ -97,8 +100,7 @@ class _FileLayer:
         self._offset = offset
         self._size = size
         self._media_type = media_type
-        self._inner: Layer | None = None
-        self._lock = anyio.Lock()
+        self._inner: Once[Layer] = Once(self._detect)
 
     def __repr__(self) -> str:
         return f"<layer from {self._path}>"
@@ -106,24 +108,22 @@ class _FileLayer:
     async def _open(self) -> ByteReceiveStream:
         return await _RangeStream.open(self._path, self._offset, self._size)
 
+    async def _detect(self) -> Layer:
+        kind = _kind(await _read_head(await self._open()))
+        if kind == "tar":
+            return partial.uncompressed_layer(
+                self._open, media_type=self._media_type or MediaType.DOCKER_LAYER
+            )
+        digest, size = await hash_stream(await self._open())
+        mt = self._media_type or (
+            MediaType.OCI_LAYER_ZSTD if kind == "zstd" else MediaType.DOCKER_LAYER
+        )
+        return partial.compressed_layer(
+            self._verified(digest, size), digest=digest, size=size, media_type=mt
+        )
+
     async def _get(self) -> Layer:
-        async with self._lock:
-            if self._inner is None:
-                head = await read_all_head(await self._open())
-                kind = _kind(head)
-                if kind == "tar":
-                    self._inner = partial.uncompressed_layer(
-                        self._open, media_type=self._media_type or MediaType.DOCKER_LAYER
-                    )
-                else:
-                    digest, size = await hash_stream(await self._open())
-                    mt = self._media_type or (
-                        MediaType.OCI_LAYER_ZSTD if kind == "zstd" else MediaType.DOCKER_LAYER
-                    )
-                    self._inner = partial.compressed_layer(
-                        self._verified(digest, size), digest=digest, size=size, media_type=mt
-                    )
-        return self._inner
+        return await self._inner.get()
 
     def _verified(self, digest: Hash, size: int) -> partial.Opener:
         async def open_() -> ByteReceiveStream:
@@ -150,7 +150,7 @@ class _FileLayer:
         return await (await self._get()).uncompressed()
 
 
-async def read_all_head(stream: ByteReceiveStream, n: int = 4) -> bytes:
+async def _read_head(stream: ByteReceiveStream, n: int = 4) -> bytes:
     async with stream:
         try:
             return (await stream.receive(n))[:n]
@@ -245,7 +245,7 @@ class _Archive:
         m = self.member(name)
         known = self._layers.get(m)
         if known is None:
-            head = await read_all_head(await _RangeStream.open(self.path, m.offset, m.size))
+            head = await _read_head(await _RangeStream.open(self.path, m.offset, m.size))
             digest, _ = await hash_stream(await _RangeStream.open(self.path, m.offset, m.size))
             known = self._layers[m] = (digest, _kind(head))
         return m, *known
@@ -264,20 +264,44 @@ class _Archive:
         return known
 
 
-class _TarballImage(partial._PartialImage):
-    """An image of a docker save archive; ``repo_tags`` as the archive names them."""
+class TarballImage(partial.ManifestImage):
+    """An image of a ``docker save`` archive, as :func:`images` and :func:`image` return it.
 
-    def __init__(self, raw: bytes, open_blob: partial.BlobOpener, raw_config: bytes) -> None:
-        super().__init__(raw, open_blob, raw_config, MediaType.OCI_MANIFEST_SCHEMA1)
-        self.repo_tags: list[str] = []
+    An OCI image (:class:`~aiolayercache.partial.ManifestImage`) whose blobs
+    are members of the archive, read verified.
+
+    :param raw_manifest: the OCI manifest made for it
+    :param open_blob: opens the archive member a descriptor names
+    :param raw_config: the config member's bytes
+    :param repo_tags: the tags the archive gives it
+    """
+
+    #: The tags ``manifest.json`` gives the image (``RepoTags``), in its order; may be empty.
+    repo_tags: list[str]
+
+    def __init__(
+        self,
+        raw_manifest: bytes,
+        open_blob: partial.BlobOpener,
+        *,
+        raw_config: bytes,
+        repo_tags: Sequence[str] = (),
+    ) -> None:
+        super().__init__(
+            raw_manifest,
+            open_blob,
+            raw_config=raw_config,
+            media_type=MediaType.OCI_MANIFEST_SCHEMA1,
+        )
+        self.repo_tags = list(repo_tags)
 
 
-async def images(path: str | os.PathLike[str]) -> list[Image]:
+async def images(path: str | os.PathLike[str]) -> list[TarballImage]:
     """Every image of a ``docker save`` archive, in ``manifest.json`` order.
 
-    Each has a ``repo_tags`` attribute. Layers are hashed once here, to build
-    the manifest (an OCI manifest; plain tar layers keep their bytes and use
-    the uncompressed layer media type).
+    Each is a :class:`TarballImage`, its tags in ``repo_tags``. Layers are
+    hashed once here, to build the manifest (an OCI manifest; plain tar
+    layers keep their bytes and use the uncompressed layer media type).
 
     :raises TarballError: not an archive, a member named unsafely or missing,
         or more images or layers than the caps.
@@ -297,7 +321,7 @@ async def images(path: str | os.PathLike[str]) -> list[Image]:
         raise TarballError(
             f"{p}: manifest.json lists {len(entries)} images, over the cap of {MAX_ARCHIVE_IMAGES}"
         )
-    out: list[Image] = []
+    out: list[TarballImage] = []
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or not isinstance(entry.get("Layers"), list):
             raise ManifestError(f"{p}: manifest.json entry {i} needs 'Config' and 'Layers'")
@@ -347,16 +371,15 @@ async def images(path: str | os.PathLike[str]) -> list[Image]:
 
             return open_blob
 
-        img = _TarballImage(raw, opener(), raw_config)
         tags = entry.get("RepoTags") or []
         if not isinstance(tags, list):
             raise ManifestError(f"{p}: manifest.json entry {i}: 'RepoTags' must be a list")
-        img.repo_tags = [t for t in tags if isinstance(t, str)]
-        out.append(img)
+        repo_tags = [t for t in tags if isinstance(t, str)]
+        out.append(TarballImage(raw, opener(), raw_config=raw_config, repo_tags=repo_tags))
     return out
 
 
-async def image(path: str | os.PathLike[str], tag: str | None = None) -> Image:
+async def image(path: str | os.PathLike[str], tag: str | None = None) -> TarballImage:
     """One image of a ``docker save`` archive: the one tagged ``tag``, or the only one."""
     imgs = await images(path)
     if tag is None:
@@ -364,6 +387,6 @@ async def image(path: str | os.PathLike[str], tag: str | None = None) -> Image:
             raise TarballError(f"{os.fspath(path)}: {len(imgs)} images; name one by tag")
         return imgs[0]
     for img in imgs:
-        if tag in getattr(img, "repo_tags", []):
+        if tag in img.repo_tags:
             return img
     raise TarballError(f"{os.fspath(path)}: no image tagged {tag!r}")

@@ -23,12 +23,10 @@ from .._types import (
     MAX_DOCUMENT_BYTES,
     ConfigFile,
     Descriptor,
-    IndexManifest,
-    Manifest,
     is_index_type,
 )
-from .._wrap import LayerWrapper
-from ..partial import _ConfigLayer, _nested_depth
+from .._wrap import ImageWrapper, IndexWrapper, LayerWrapper
+from ..partial import ConfigLayer, _nested_depth
 from ..streams import drain, read_all
 from ._fs import EntryInfo, FilesystemCache, VerifyReport
 from ._memory import MemoryCache
@@ -40,6 +38,7 @@ __all__ = [
     "LayerNotFoundError",
     "MemoryCache",
     "PrefetchStats",
+    "StoredSize",
     "VerifyReport",
     "image",
     "image_index",
@@ -55,6 +54,21 @@ class Cache(Protocol):
     async def put(self, layer: Layer) -> Layer: ...
     async def get(self, h: Hash) -> Layer: ...
     async def delete(self, h: Hash) -> None: ...
+
+
+@runtime_checkable
+class StoredSize(Protocol):
+    """A layer of a cache that knows how many bytes its entry holds, without reading it.
+
+    :func:`prefetch` counts a hit's bytes by it: for an uncompressed entry,
+    ``size()`` is the size of the gzip made of it on the fly, so asking would
+    compress the whole entry. A cache whose layers lack it is counted by
+    ``size()``.
+    """
+
+    async def stored_size(self) -> int:
+        """The bytes of the entry, as stored."""
+        ...
 
 
 class _LazyLayer(LayerWrapper):
@@ -82,9 +96,11 @@ class _LazyLayer(LayerWrapper):
         return await (await self._c.put(self._inner)).uncompressed()
 
 
-class _CachedImage:
+class _CachedImage(ImageWrapper):
+    """An image whose layers and config are read through a cache (ggcr ``cache.Image``)."""
+
     def __init__(self, inner: Image, c: Cache) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self._c = c
         self._raw_config: bytes | None = None
         self._config: ConfigFile | None = None
@@ -103,15 +119,6 @@ class _CachedImage:
             ]
         return [_LazyLayer(x, self._c) for x in await self._inner.layers()]
 
-    async def media_type(self) -> str:
-        return await self._inner.media_type()
-
-    async def size(self) -> int:
-        return await self._inner.size()
-
-    async def config_name(self) -> Hash:
-        return await self._inner.config_name()
-
     async def raw_config_file(self) -> bytes:
         # The config is a blob too: kept in the cache, so a warm pull fetches no blob.
         if self._raw_config is None:
@@ -122,7 +129,7 @@ class _CachedImage:
             except LayerNotFoundError:
                 # Fetched inside the cache's fill, so one task or process fetches it and
                 # the others read what it committed (single-flight, as for layers).
-                put = await self._c.put(_ConfigLayer(self._inner.raw_config_file, desc))
+                put = await self._c.put(ConfigLayer(self._inner.raw_config_file, desc))
                 self._raw_config = await read_all(await put.compressed(), MAX_DOCUMENT_BYTES)
         return self._raw_config
 
@@ -130,15 +137,6 @@ class _CachedImage:
         if self._config is None:
             self._config = ConfigFile.parse(await self.raw_config_file())
         return self._config
-
-    async def digest(self) -> Hash:
-        return await self._inner.digest()
-
-    async def manifest(self) -> Manifest:
-        return await self._inner.manifest()
-
-    async def raw_manifest(self) -> bytes:
-        return await self._inner.raw_manifest()
 
     async def _described(self, *, digest: Hash | None, diff_id: Hash | None) -> Layer | None:
         """A lazily cached layer known from manifest and config alone, if they name it."""
@@ -196,28 +194,15 @@ class _DescribedLayer:
         return await (await self._img.layer_by_digest(self._desc.digest)).uncompressed()
 
 
-class _CachedIndex:
+class _CachedIndex(IndexWrapper):
+    """An index whose children, recursively, are read through a cache."""
+
     def __init__(self, inner: ImageIndex, c: Cache) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self._c = c
 
     def __repr__(self) -> str:
         return f"<{self._inner!r} through {self._c!r}>"
-
-    async def media_type(self) -> str:
-        return await self._inner.media_type()
-
-    async def digest(self) -> Hash:
-        return await self._inner.digest()
-
-    async def size(self) -> int:
-        return await self._inner.size()
-
-    async def index_manifest(self) -> IndexManifest:
-        return await self._inner.index_manifest()
-
-    async def raw_manifest(self) -> bytes:
-        return await self._inner.raw_manifest()
 
     async def image(self, h: Hash) -> Image:
         return image(await self._inner.image(h), self._c)
@@ -312,9 +297,7 @@ async def prefetch(
                 pass
             else:
                 stats.hits += 1
-                size = getattr(hit, "stored_size", None)
-                if not isinstance(size, int):
-                    size = await hit.size()
+                size = await (hit.stored_size() if isinstance(hit, StoredSize) else hit.size())
                 stats.bytes_from_cache += size  # not `+= await`: that loses updates
                 return
             stats.misses += 1

@@ -79,7 +79,7 @@ class _EntryOpener:
         raise LayerNotFoundError(f"{self._h} is no longer in {self._entries!r}")
 
 
-class _CachedCompressed(partial._CompressedLayer):
+class _CachedCompressed(partial.CompressedLayer):
     """A layer served from a compressed (gzip / zstd) entry, keyed by digest."""
 
     def __init__(self, entries: Entries, h: Hash, meta: Meta) -> None:
@@ -87,26 +87,35 @@ class _CachedCompressed(partial._CompressedLayer):
             MediaType.OCI_LAYER_ZSTD if meta.kind == "zstd" else MediaType.DOCKER_LAYER
         )
         diff_id = Hash.parse(meta.diff_id) if meta.diff_id else None
-        super().__init__(_EntryOpener(entries, h), h, meta.size, mt, diff_id)
-        self.stored_size = meta.size
+        super().__init__(
+            _EntryOpener(entries, h), digest=h, size=meta.size, media_type=mt, diff_id=diff_id
+        )
         self._entries = entries
+        self._h = h
         self._meta = meta
 
-    async def diff_id(self) -> Hash:
-        had = self._diff_id is not None
-        out = await super().diff_id()
-        if not had:
-            await self._entries.remember(self._digest, replace(self._meta, diff_id=str(out)))
+    async def stored_size(self) -> int:
+        """The bytes of the entry (a ``cache.StoredSize``)."""
+        return self._meta.size
+
+    async def compute_diff_id(self) -> Hash:
+        # Hashed from the entry once: kept with it, so it is never hashed again.
+        out = await super().compute_diff_id()
+        await self._entries.remember(self._h, replace(self._meta, diff_id=str(out)))
         return out
 
 
-class _CachedUncompressed(partial._UncompressedLayer):
+class _CachedUncompressed(partial.UncompressedLayer):
     """A layer served from an uncompressed tar entry, keyed by diff_id; gzip'd on the fly."""
 
     def __init__(self, entries: Entries, h: Hash, meta: Meta) -> None:
         mt = meta.media_type or MediaType.DOCKER_LAYER
-        super().__init__(_EntryOpener(entries, h), h, mt, 1)
-        self.stored_size = meta.size
+        super().__init__(_EntryOpener(entries, h), diff_id=h, media_type=mt, level=1)
+        self._stored_size = meta.size
+
+    async def stored_size(self) -> int:
+        """The bytes of the tar entry, not of the gzip made of it (a ``cache.StoredSize``)."""
+        return self._stored_size
 
 
 def cached_layer(entries: Entries, h: Hash, meta: Meta) -> Layer:

@@ -63,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         if rep is not None:
             rep.close()
-        if getattr(args, "debug", False):
+        if args.debug:  # every command has --debug
             raise
         print(f"aiolayercache: {type(exc).__name__}: {exc}", file=sys.stderr)
         code = EXIT_FAILED

@@ -115,9 +115,8 @@ async def resolve(
                 out.append((name, await ii.image(d.digest), True))
         return out
     imgs = await tarball.images(src.path)
-    # TODO(shape): read img.repo_tags off the public tarball image type once it exists.
     return [
-        ((getattr(img, "repo_tags", None) or [os.path.basename(src.path)])[0], img, True)
+        ((img.repo_tags or [os.path.basename(src.path)])[0], img, True)
         for img in imgs
     ]
 

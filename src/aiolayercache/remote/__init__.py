@@ -32,6 +32,7 @@ __all__ = [
     "RetryPolicy",
     "TransportError",
     "UnauthorizedError",
+    "default_client",
     "get",
     "host_platform",
     "image",

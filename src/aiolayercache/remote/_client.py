@@ -259,7 +259,9 @@ class Client:
                 await anyio.sleep(delay)
                 continue
             except aiohttp.ClientError as exc:  # an URL aiohttp refuses (a redirect's target)
-                detail = getattr(exc, "description", None) or type(exc).__name__
+                detail = type(exc).__name__
+                if isinstance(exc, aiohttp.InvalidURL) and exc.description:
+                    detail = str(exc.description)
                 raise RemoteError(
                     f"request failed: {detail}", method=method, url=redact(url)
                 ) from None
