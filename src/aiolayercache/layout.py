@@ -2,70 +2,31 @@
 
 A layout is a directory with ``oci-layout``, ``index.json`` and
 ``blobs/<alg>/<hex>``. Reading checks every blob against its digest as it
-streams, and never follows a blob path out of the layout. Writing puts each
-blob in place once, atomically (temp file, fsync, rename), in parallel with a
-bound, and replaces ``index.json`` atomically last, so an interrupted write
-never leaves an index that points at a missing or partial blob.
+streams, and never follows a blob path out of the layout. Writing
+(``_layout_write``) puts each blob in place once, atomically (temp file,
+fsync, rename), in parallel with a bound, and replaces ``index.json``
+atomically last, so an interrupted write never leaves an index that points
+at a missing or partial blob.
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
-
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
 import os
-import secrets
-import stat
-from collections.abc import Sequence
-from pathlib import Path
-from typing import Literal
 
 import anyio
 import anyio.to_thread
 from anyio.abc import ByteReceiveStream
 
-from . import mutate, partial
-from ._atomic import AtomicFile, fsync_dir, sweep_temps
-from ._errors import AioLayerCacheError, DigestMismatchError, ManifestError, first_error
+from . import partial
+from ._errors import ManifestError
 from ._hash import Hash
+from ._layout_base import REF_NAME, LayoutError, blob_path, inside, read_index_json
+from ._layout_write import write, write_all
 from ._protocols import Image, ImageIndex
-from ._types import (
-    MAX_DOCUMENT_BYTES,
-    Descriptor,
-    IndexManifest,
-    MediaType,
-    is_index_type,
-)
-from .streams import BytesStream, FileStream, StreamAttribute, VerifyingStream, read_all
+from ._types import MAX_DOCUMENT_BYTES, Descriptor, MediaType, is_index_type
+from .streams import FileStream, VerifyingStream, read_all
 
 __all__ = ["REF_NAME", "LayoutError", "image", "index", "write", "write_all"]
-
-REF_NAME = "org.opencontainers.image.ref.name"
-_LAYOUT_FILE = b'{"imageLayoutVersion":"1.0.0"}'
-log = logging.getLogger("aiolayercache.layout")
-_CHUNK = 1024 * 1024
-_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
-
-
-class LayoutError(AioLayerCacheError):
-    """A layout is missing a file, has one it should not trust, or cannot be written."""
-
-
-def _blob_path(root: str, h: Hash) -> str:
-    # A Hash is validated at construction: neither part holds a separator or "..".
-    return os.path.join(root, "blobs", h.algorithm, h.hex)
-
-
-def _inside(root: str, path: str) -> str:
-    """``path`` resolved; a :class:`LayoutError` if it leaves ``root`` (a symlink out)."""
-    real = os.path.realpath(path)
-    if real != root and not real.startswith(root + os.sep):
-        raise LayoutError(f"{path} resolves outside the layout {root}")
-    return real
 
 
 class _Reader:
@@ -73,8 +34,8 @@ class _Reader:
         self.root = root
 
     def _open_path(self, desc: Descriptor) -> str:
-        path = _blob_path(self.root, desc.digest)
-        _inside(self.root, path)
+        path = blob_path(self.root, desc.digest)
+        inside(self.root, path)
         if not os.path.isfile(path):
             raise LayoutError(f"{path}: blob {desc.digest} is missing from the layout")
         return path
@@ -90,35 +51,16 @@ class _Reader:
     async def fetch_manifest(self, desc: Descriptor) -> bytes:
         if desc.size > MAX_DOCUMENT_BYTES:
             raise ManifestError(
-                f"{_blob_path(self.root, desc.digest)}: manifest of {desc.size} bytes is over "
+                f"{blob_path(self.root, desc.digest)}: manifest of {desc.size} bytes is over "
                 f"the {MAX_DOCUMENT_BYTES} cap"
             )
         return await read_all(await self.open_blob(desc))
 
 
-def _read_index_json(root: str) -> bytes:
-    path = os.path.join(root, "index.json")
-    _inside(root, path)
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_DOCUMENT_BYTES + 1)
-    except FileNotFoundError:
-        raise LayoutError(f"{path}: no index.json: {root} is not an OCI layout") from None
-    except OSError as exc:
-        raise LayoutError(f"{path}: cannot read: {exc.strerror}") from exc
-    if len(raw) > MAX_DOCUMENT_BYTES:
-        raise ManifestError(f"{path}: over the {MAX_DOCUMENT_BYTES}-byte cap")
-    try:
-        IndexManifest.parse(raw)
-    except ManifestError as exc:
-        raise ManifestError(f"{path}: {exc}") from exc
-    return raw
-
-
 async def index(path: str | os.PathLike[str]) -> ImageIndex:
     """The layout at ``path`` as an ImageIndex (its ``index.json``)."""
     root = await anyio.to_thread.run_sync(os.path.realpath, path)
-    raw = await anyio.to_thread.run_sync(_read_index_json, root)
+    raw = await anyio.to_thread.run_sync(read_index_json, root)
     r = _Reader(root)
     return partial.index(raw, r.fetch_manifest, r.open_blob, media_type=MediaType.OCI_IMAGE_INDEX)
 
@@ -145,346 +87,3 @@ async def image(path: str | os.PathLike[str], ref: str | Hash | None = None) -> 
     if is_index_type(desc.media_type):
         raise ManifestError(f"{os.fspath(path)}: {ref} names an index, not an image")
     return await ii.image(desc.digest)
-
-
-# --- writing --------------------------------------------------------------------------
-
-
-# The proof that a blob was verified in full, kept on the blob itself (an extended
-# attribute, so the layout holds no extra files): its digest, size, mtime and inode.
-# Any change of the file voids it, as for cache entries. Where the filesystem has no
-# user xattrs, existing blobs are simply hashed again.
-_PROOF_ATTR = "user.aiolayercache.proof"
-
-
-def _proof_value(h: Hash, st: os.stat_result) -> bytes:
-    return f"{h} {st.st_size} {st.st_mtime_ns} {st.st_ino}".encode()
-
-
-def _record_proof(path: str, h: Hash) -> None:
-    setxattr = getattr(os, "setxattr", None)
-    if setxattr is None:
-        return
-    with contextlib.suppress(OSError):
-        setxattr(path, _PROOF_ATTR, _proof_value(h, os.stat(path)), follow_symlinks=False)
-
-
-def _proof_holds(path: str, h: Hash, st: os.stat_result) -> bool:
-    getxattr = getattr(os, "getxattr", None)
-    if getxattr is None:
-        return False
-    try:
-        value: bytes = getxattr(path, _PROOF_ATTR, follow_symlinks=False)
-    except OSError:
-        return False
-    return value == _proof_value(h, st)
-
-
-class _Writer:
-    def __init__(self, root: str, durable: bool, concurrency: int) -> None:
-        self.root = root
-        self.durable = durable
-        self.limiter = anyio.CapacityLimiter(concurrency)
-        self.claimed: set[Hash] = set()
-        self.dirs: set[str] = set()
-        self.written = 0
-        self.reused = 0
-
-    def _verified(self, h: Hash, size: int) -> bool:
-        """Is a good copy of ``h`` there already? A bad one stays until the new copy
-        replaces it by rename (the layout may be the source being read, too)."""
-        path = _blob_path(self.root, h)
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            return False
-        if stat.S_ISDIR(st.st_mode):
-            raise LayoutError(f"{path}: a directory where blob {h} belongs")
-        if not stat.S_ISREG(st.st_mode) or st.st_size != size:
-            return False  # a symlink, a FIFO or a short file: never read, replaced
-        if _proof_holds(path, h, st):
-            return True
-        hasher = h.hasher()
-        with open(os.open(path, os.O_RDONLY | _NOFOLLOW), "rb", buffering=0) as f:
-            while chunk := f.read(_CHUNK):
-                hasher.update(chunk)
-        if hasher.hexdigest() == h.hex:
-            _record_proof(path, h)
-            return True
-        return False
-
-    async def blob(self, desc: Descriptor, open_: partial.Opener) -> None:
-        h = desc.digest
-        if h in self.claimed:
-            return
-        self.claimed.add(h)
-        async with self.limiter:
-            if await anyio.to_thread.run_sync(self._verified, h, desc.size):
-                self.reused += 1
-                return
-            try:
-                await self._put(desc, open_)
-            except DigestMismatchError as exc:
-                # A source that was proven once and rotted since (a cache entry) has
-                # condemned itself: open it again, which fetches the bytes anew.
-                log.warning("layout %s: %s; reading %s once more", self.root, exc, h)
-                await self._put(desc, open_)
-            self.written += 1
-
-    async def _put(self, desc: Descriptor, open_: partial.Opener) -> None:
-        """Write one blob: a temp file, verified in full, then renamed; a proof last."""
-        h = desc.digest
-        blob_dir = os.path.dirname(_blob_path(self.root, h))
-        out = AtomicFile(
-            _blob_path(self.root, h),
-            blob_dir,
-            durable=self.durable,
-            tag=h.hex[:16],
-            sync_dir=False,  # one fsync of the directory before index.json, for all
-        )
-        self.dirs.add(blob_dir)
-        await out.open()
-        try:
-            raw = await open_()
-            proven = raw.extra(StreamAttribute.proven_file, None)
-            if proven is not None and proven.digest == h and proven.size == desc.size:
-                # A proven cache entry: the kernel copies it, and what lands is hashed
-                # before the rename, so a file that rotted since its proof never passes.
-                async with raw:
-                    landed = await out.copy_from(proven.fd, desc.size, h)
-                    if landed != h:
-                        await proven.condemn()
-                        raise DigestMismatchError(f"cache copy of blob {h}", h, landed)
-                    proven.consumed(desc.size)
-            else:
-                stream = VerifyingStream(raw, h, desc.size, what=f"blob {h}")
-                async with stream:
-                    async for chunk in stream:
-                        await out.write(chunk)
-            await out.commit()
-        except BaseException:
-            await out.discard()
-            raise
-        # Only bytes hashed on their way in earn a proof.
-        await anyio.to_thread.run_sync(_record_proof, out.final, h)
-
-    async def data(self, desc: Descriptor, raw: bytes) -> None:
-        actual = Hash.of(raw, desc.digest.algorithm)
-        if actual != desc.digest or len(raw) != desc.size:
-            raise DigestMismatchError(f"manifest {desc.digest}", desc.digest, actual)
-
-        async def open_() -> ByteReceiveStream:
-            return BytesStream(raw)
-
-        await self.blob(desc, open_)
-
-    async def image(self, tg: anyio.abc.TaskGroup, img: Image) -> Descriptor:
-        raw = await img.raw_manifest()
-        m = await img.manifest()
-        desc = Descriptor(
-            media_type=await img.media_type(), size=len(raw), digest=await img.digest()
-        )
-        raw_config = await img.raw_config_file()
-        tg.start_soon(self.data, m.config, raw_config)
-        layers = await img.layers()
-        for d, layer in zip(m.layers, layers, strict=True):
-            tg.start_soon(self.blob, d, layer.compressed)
-        tg.start_soon(self.data, desc, raw)
-        return desc
-
-    async def index(
-        self, tg: anyio.abc.TaskGroup, ii: ImageIndex, depth: int = 0, seen: set[Hash] | None = None
-    ) -> Descriptor:
-        raw = await ii.raw_manifest()
-        desc = Descriptor(media_type=await ii.media_type(), size=len(raw), digest=await ii.digest())
-        seen = set() if seen is None else seen
-        for child in (await ii.index_manifest()).manifests:
-            if child.digest in seen:
-                continue  # the same bytes however often the tree lists them: written once
-            seen.add(child.digest)
-            if is_index_type(child.media_type):
-                nested = partial._nested_depth(depth, desc.digest, child.digest)
-                await self.index(tg, await ii.image_index(child.digest), nested, seen)
-            else:
-                await self.image(tg, await ii.image(child.digest))
-        tg.start_soon(self.data, desc, raw)
-        return desc
-
-
-def _prepare(root: str) -> bytes | None:
-    """Create the layout's skeleton; return the current index.json, if any."""
-    p = Path(root)
-    if p.exists() and not p.is_dir():
-        raise LayoutError(f"{root} exists and is not a directory")
-    # Blobs go where the reader will look: never through a symlink out of the layout.
-    _inside(root, str(p / "blobs"))
-    _inside(root, str(p / "blobs" / "sha256"))
-    (p / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
-    # Temp files of writers that were killed (their lock is free) go now; only names
-    # our writers give are touched, and only in the directories they write to.
-    swept = sweep_temps(root, ours_only=True)
-    for alg in ("sha256", "sha512"):
-        d = p / "blobs" / alg
-        if d.is_dir() and not d.is_symlink():
-            swept += sweep_temps(_inside(root, str(d)), ours_only=True)
-    if swept:
-        log.info("layout %s: removed %d temp files of an interrupted write", root, len(swept))
-    layout_file = p / "oci-layout"
-    if not layout_file.exists():
-        # A name of our own (writers may run at once), created new: never written through
-        # a leftover or a planted symlink.
-        for attempt in range(5):
-            tmp = p / f".oci-layout.{secrets.token_hex(8)}.tmp"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o644)
-            with open(fd, "wb") as f:
-                f.write(_LAYOUT_FILE)
-            try:
-                os.replace(tmp, layout_file)
-                break
-            except FileNotFoundError:  # another writer's sweep took it (unlocked): again
-                if attempt == 4:
-                    raise
-    if (p / "index.json").exists():
-        return _read_index_json(root)
-    return None
-
-
-async def write(
-    path: str | os.PathLike[str],
-    target: Image | ImageIndex,
-    *,
-    ref_name: str | None = None,
-    concurrency: int = 8,
-    durability: Literal["full", "fast"] = "full",
-    oci: bool = False,
-) -> Descriptor:
-    """Write ``target`` (an image, or an index tree) into the layout at ``path``.
-
-    The layout is created if needed, or added to: blobs already there are
-    kept when they verify, and ``index.json`` gets a descriptor for
-    ``target`` (annotated with ``ref_name`` when given, replacing any entry
-    with that name). Blobs are written ``concurrency`` at a time, each
-    atomically; ``index.json`` is replaced last. Returns the new descriptor.
-
-    With ``oci=True`` Docker manifests and manifest lists are written with OCI
-    media types (:func:`aiolayercache.mutate.to_oci`), as ``skopeo copy`` does
-    into a layout: skopeo and umoci find only OCI-typed images in one. Layers
-    and configs are unchanged; a converted manifest has a new digest, which
-    the returned descriptor carries. By default manifests are kept as they are.
-    """
-    (desc,) = await write_all(
-        path, [(target, ref_name)], concurrency=concurrency, durability=durability, oci=oci
-    )
-    return desc
-
-
-async def write_all(
-    path: str | os.PathLike[str],
-    targets: Sequence[tuple[Image | ImageIndex, str | None]],
-    *,
-    concurrency: int = 8,
-    durability: Literal["full", "fast"] = "full",
-    oci: bool = False,
-) -> list[Descriptor]:
-    """Write several images or indexes into one layout, with one ``index.json`` update.
-
-    ``targets`` pairs each image or index with its ref name (or None). All
-    blobs of all targets are written in parallel (shared ones once), then
-    ``index.json`` is replaced once, last. ``oci=True`` converts each target
-    to OCI media types first, as :func:`write` does.
-    """
-    if oci:
-        targets = [(await mutate.to_oci(t), name) for t, name in targets]
-    root = await anyio.to_thread.run_sync(os.path.realpath, path)
-    try:
-        # An index.json that cannot be read fails the write now, before any blob moves.
-        await anyio.to_thread.run_sync(_prepare, root)
-    except OSError as exc:
-        raise LayoutError(f"{root}: cannot prepare the layout: {exc.strerror}") from exc
-    w = _Writer(root, durability == "full", concurrency)
-    descs: list[Descriptor] = []
-    try:
-        async with anyio.create_task_group() as tg:
-            for target, _ in targets:
-                if isinstance(target, ImageIndex) and not isinstance(target, Image):
-                    descs.append(await w.index(tg, target))
-                else:
-                    descs.append(await w.image(tg, target))
-    except BaseExceptionGroup as eg:
-        # Callers catch DigestMismatchError, not a group: raise the first real error.
-        raise first_error(eg) from None
-    named: list[Descriptor] = []
-    for desc, (_, ref_name) in zip(descs, targets, strict=True):
-        if ref_name is not None:
-            desc = Descriptor(
-                media_type=desc.media_type,
-                size=desc.size,
-                digest=desc.digest,
-                annotations={REF_NAME: ref_name},
-            )
-        named.append(desc)
-    if w.durable:
-        # The blobs' names are on disk before index.json can point at them.
-        for d in sorted(w.dirs):
-            await anyio.to_thread.run_sync(fsync_dir, d)
-    # Read, merge and replace index.json under the layout's lock: two writers into one
-    # layout at once (two pulls) each add their images; neither loses the other's.
-    lock = await _lock_layout(root)
-    try:
-        await _update_index(root, named, durability == "full")
-    finally:
-        os.close(lock)  # drops the flock
-    return named
-
-
-async def _lock_layout(root: str) -> int:
-    """An exclusive ``flock`` on the layout directory itself (no file is added to it)."""
-    fd = os.open(root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
-    if fcntl is None:  # pragma: no cover - Windows: no lock
-        return fd
-    delay = 0.005
-    try:
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return fd
-            except BlockingIOError:
-                await anyio.sleep(delay)  # another writer is replacing index.json: briefly
-                delay = min(delay * 2, 0.1)
-    except BaseException:
-        os.close(fd)
-        raise
-
-
-async def _update_index(root: str, named: list[Descriptor], durable: bool) -> None:
-    """index.json with ``named`` added (replacing entries of the same ref name), atomically."""
-    current = await anyio.to_thread.run_sync(_current_index, root)
-    manifests: list[Descriptor] = []
-    if current is not None:
-        manifests = list(IndexManifest.parse(current).manifests)
-    for desc in named:
-        name = (desc.annotations or {}).get(REF_NAME)
-        manifests = [
-            d
-            for d in manifests
-            if not (
-                (name is not None and (d.annotations or {}).get(REF_NAME) == name)
-                or (name is None and d.annotations is None and d.digest == desc.digest)
-            )
-        ]
-        manifests.append(desc)
-    doc = IndexManifest(schema_version=2, manifests=manifests, media_type=MediaType.OCI_IMAGE_INDEX)
-    out = AtomicFile(os.path.join(root, "index.json"), root, durable=durable, tag="index")
-    await out.open()
-    try:
-        await out.write(doc.to_json())
-        await out.commit()
-    except BaseException:
-        await out.discard()
-        raise
-
-
-def _current_index(root: str) -> bytes | None:
-    if os.path.lexists(os.path.join(root, "index.json")):
-        return _read_index_json(root)
-    return None

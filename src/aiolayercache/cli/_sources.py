@@ -115,10 +115,7 @@ async def resolve(
                 out.append((name, await ii.image(d.digest), True))
         return out
     imgs = await tarball.images(src.path)
-    return [
-        ((img.repo_tags or [os.path.basename(src.path)])[0], img, True)
-        for img in imgs
-    ]
+    return [((img.repo_tags or [os.path.basename(src.path)])[0], img, True) for img in imgs]
 
 
 async def check_platform(img: Image, platform: str, what: str) -> None:
