@@ -240,3 +240,48 @@ def test_a_tarball_in_a_missing_directory_names_the_destination(
     assert os.path.realpath(dest) in err
     assert ".tmp" not in err and ".tarball." not in err
     assert not dest.parent.exists()
+
+
+# --- the attack on the CLI, 1: a --platform is checked whole, when the arguments are read ----
+
+NOWHERE = "127.0.0.1:9/x/y:v1"  # nothing listens: a platform let through fails late (exit 1)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "../x",
+        " linux/amd64",
+        "linux/amd64 ",
+        "linux/amd64\n",
+        "linux/amd64/",
+        "linux//amd64",
+        "linux/amd64/v1/x",
+        "linux/arm.64",
+        "linux/ärm64",
+        "linux/\u212amd64",  # the Kelvin sign, which lower() makes a 'k'
+        "linux",
+    ],
+)
+def test_a_platform_is_checked_whole_when_the_arguments_are_read(
+    bad: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dest = tmp_path / "d"
+    code, _, err = pull(capsys, NOWHERE, str(dest), "--platform", bad, "--no-cache")
+    assert code == 2, (bad, err)
+    assert f"not a platform: {bad!r}" in err, err
+    assert "OS/ARCH[/VARIANT]" in err and "e.g. linux/amd64" in err
+    assert not dest.exists()
+
+
+def test_a_platform_in_capitals_means_the_same_platform_as_containerd_reads_it(
+    registry: Registry, published: Published, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ref = f"{registry.host}/test/multi:v1"
+    for upper, lower in [("LINUX/AMD64", "linux/amd64"), ("Linux/ARM/V7", "linux/arm/v7")]:
+        code, _, err = pull(capsys, ref, str(tmp_path / lower), "--platform", lower, "--no-cache")
+        assert code == 0, err
+        code, _, err = pull(capsys, ref, str(tmp_path / upper), "--platform", upper, "--no-cache")
+        assert code == 0, (upper, err)
+        assert names_in(tmp_path / upper) == names_in(tmp_path / lower)
+    assert names_in(tmp_path / "linux/amd64") != names_in(tmp_path / "linux/arm/v7")
