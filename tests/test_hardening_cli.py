@@ -285,3 +285,69 @@ def test_a_platform_in_capitals_means_the_same_platform_as_containerd_reads_it(
         assert code == 0, (upper, err)
         assert names_in(tmp_path / upper) == names_in(tmp_path / lower)
     assert names_in(tmp_path / "linux/amd64") != names_in(tmp_path / "linux/arm/v7")
+
+
+# --- the attack on the CLI, 2: --name -------------------------------------------------------
+
+
+def test_two_names_for_one_source_are_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a, dest = tmp_path / "a", tmp_path / "dest"
+    write_layout(a, oci_image(1), "v1")
+    src = f"oci:{a}:v1"
+    code, _, err = pull(
+        capsys, src, str(dest), "--no-cache", "--name", f"{src}=b", "--name", f"{src}=c"
+    )
+    assert code == 2, err
+    assert src in err and "'b'" in err and "'c'" in err
+    assert not dest.exists()
+    # The same name twice says one thing: no conflict.
+    code, _, err = pull(
+        capsys, src, str(dest), "--no-cache", "--name", f"{src}=b", "--name", f"{src}=b"
+    )
+    assert code == 0, err
+    assert [n for n, _ in names_in(dest)] == ["b"]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["UPPER", "x/App:v1", f"x/app@sha256:{'a' * 64}", f"x/app:v1@sha256:{'a' * 64}", "x/app:"],
+)
+def test_a_name_in_a_tarball_must_be_a_repository_and_tag_docker_load_takes(
+    bad: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a, out_tar = tmp_path / "a", tmp_path / "out.tar"
+    write_layout(a, oci_image(1), "v1")
+    src = f"oci:{a}:v1"
+    code, _, err = pull(capsys, src, str(out_tar), "--no-cache", "--name", f"{src}={bad}")
+    assert code == 2, (bad, err)
+    assert f"{bad!r}" in err and "REPOSITORY[:TAG]" in err, err
+    assert not out_tar.exists()
+
+
+def repo_tags(path: Path) -> list[list[str]]:
+    with tarfile.open(path) as tf:
+        f = tf.extractfile("manifest.json")
+        assert f is not None
+        return [m["RepoTags"] for m in json.load(f)]
+
+
+def test_a_good_name_goes_in_as_docker_would_tag_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a = tmp_path / "a"
+    write_layout(a, oci_image(1), "v1")
+    src = f"oci:{a}:v1"
+    for name, tags in [
+        ("x/app", [["x/app:latest"]]),  # docker load refuses a RepoTag without a tag
+        ("localhost:5000/x/app:V1.0", [["localhost:5000/x/app:V1.0"]]),
+    ]:
+        out_tar = tmp_path / f"{len(name)}.tar"
+        code, _, err = pull(capsys, src, str(out_tar), "--no-cache", "--name", f"{src}={name}")
+        assert code == 0, (name, err)
+        assert repo_tags(out_tar) == tags
+    # A layout's ref name follows the image spec's grammar, which allows capitals.
+    code, _, err = pull(capsys, src, str(tmp_path / "lay"), "--no-cache", "--name", f"{src}=UPPER")
+    assert code == 0, err
+    assert [n for n, _ in names_in(tmp_path / "lay")] == ["UPPER"]

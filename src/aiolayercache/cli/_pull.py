@@ -12,7 +12,7 @@ import anyio
 
 from .. import Hash, Image, cache, layout, mutate, tarball
 from ..cache import FilesystemCache
-from ..remote import Client
+from ..remote import Client, InvalidReferenceError, Reference
 from ._args import EXIT_FAILED, EXIT_OK, UsageError
 from ._cache_cmd import default_cache_dir
 from ._progress import ObservedImage, ObservedIndex, Reporter
@@ -25,15 +25,50 @@ _NAME_PART = r"[A-Za-z0-9]+(?:(?:[-._:@+]|--)[A-Za-z0-9]+)*"
 _REF_NAME = re.compile(rf"{_NAME_PART}(?:/{_NAME_PART})*")
 
 
-def _renames(args: argparse.Namespace) -> dict[str, str]:
-    """``--name SRC=NAME`` options, checked: SRC is one of the sources, NAME a ref name."""
+def _tarball_name(name: str) -> str | None:
+    """``REPOSITORY[:TAG]`` as ``docker load`` takes a RepoTag, or None.
+
+    The repository is what :meth:`Reference.parse` accepts (lowercase); no
+    digest. A name without a tag gets ``:latest``, as ``docker tag`` gives it:
+    ``docker load`` refuses a RepoTag without one.
+    """
+    try:
+        ref = Reference.parse(name)
+    except InvalidReferenceError:
+        return None
+    if ref.digest is not None or "@" in name:
+        return None
+    return name if name.endswith(f":{ref.tag}") else f"{name}:{ref.tag}"
+
+
+def _renames(args: argparse.Namespace, fmt: str) -> dict[str, str]:
+    """``--name SRC=NAME`` options, checked: SRC is one of the sources, named once;
+    NAME is a ref name (a layout) or a repository and tag (a docker tarball)."""
     out: dict[str, str] = {}
     for item in args.name:
         src, eq, name = item.rpartition("=")
-        if not eq or not src or not _REF_NAME.fullmatch(name):
-            raise UsageError(f"--name {item!r}: want SRC=NAME, NAME like v1 or example.com/app:1.0")
+        if not eq or not src:
+            raise UsageError(f"--name {item!r}: want SRC=NAME")
         if src not in args.sources:
             raise UsageError(f"--name {item!r}: {src!r} is not one of the sources")
+        if fmt == "tarball":
+            tag = _tarball_name(name)
+            if tag is None:
+                raise UsageError(
+                    f"--name {item!r}: {name!r} is not a name docker load takes: a tarball "
+                    "names an image REPOSITORY[:TAG], the repository lowercase, no digest "
+                    "(e.g. example.com/app:1.0)"
+                )
+            name = tag
+        elif not _REF_NAME.fullmatch(name):
+            raise UsageError(
+                f"--name {item!r}: {name!r} is not a ref name of an OCI layout "
+                "(e.g. v1 or example.com/app:1.0)"
+            )
+        if out.get(src, name) != name:
+            raise UsageError(
+                f"--name: {src!r} is named twice, {out[src]!r} and {name!r}; give it one name"
+            )
         out[src] = name
     return out
 
@@ -84,9 +119,9 @@ async def _name_apart(
 
 
 async def pull(args: argparse.Namespace, rep: Reporter) -> int:
-    renames = _renames(args)
-    sources = dedupe([parse_source(s) for s in args.sources], renames)
     fmt = args.format or ("tarball" if args.dest.endswith((".tar", ".tar.gz")) else "oci")
+    renames = _renames(args, fmt)
+    sources = dedupe([parse_source(s) for s in args.sources], renames)
     fs = None if args.no_cache else FilesystemCache(args.cache_dir or default_cache_dir())
     if args.jobs < 1:
         raise UsageError("-j must be at least 1")
