@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
 import tarfile
+import time
 from pathlib import Path
 
 import anyio
@@ -19,7 +23,9 @@ from aiolayercache.cli import main
 from aiolayercache.remote import InvalidReferenceError, Reference
 
 from .conftest import Published
-from .registry import Registry
+from .registry import FaultProxy, Registry
+
+CLI = [sys.executable, "-m", "aiolayercache"]
 
 
 def pull(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -351,3 +357,80 @@ def test_a_good_name_goes_in_as_docker_would_tag_it(
     code, _, err = pull(capsys, src, str(tmp_path / "lay"), "--no-cache", "--name", f"{src}=UPPER")
     assert code == 0, err
     assert [n for n, _ in names_in(tmp_path / "lay")] == ["UPPER"]
+
+
+# --- the attack on the CLI, 3: what an interrupted pull says it left ------------------------
+
+
+def test_an_interrupt_into_an_existing_empty_directory_says_what_is_there(
+    proxy: FaultProxy, published: Published, tmp_path: Path
+) -> None:
+    proxy.add("/blobs/sha256:", "throttle", 0.05, times=100)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    env = dict(os.environ)
+    env.pop("AIOLAYERCACHE_CACHE_DIR", None)
+    p = subprocess.Popen(
+        [*CLI, "pull", f"{proxy.address}/test/big:v1", str(dest), "--no-cache"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not (dest / "oci-layout").exists():
+            time.sleep(0.02)
+        assert (dest / "oci-layout").exists(), "the pull never started writing DEST"
+        time.sleep(0.2)
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130, err
+    assert os.listdir(dest) != [] and not (dest / "index.json").exists()
+    assert "was not changed" not in err, err  # it was: oci-layout and blobs are there now
+    assert f"{dest}: blobs of an unfinished pull but no index.json" in err, err
+    assert "pull again" in err and "reused" in err
+    assert "remove it" not in err  # DEST was there before: it may hold the user's files
+
+
+def test_interrupt_messages_compare_with_what_dest_was(tmp_path: Path) -> None:
+    from aiolayercache.cli._pull import dest_state, interrupted
+
+    # An existing directory without index.json, left as it was.
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "notes.txt").write_text("mine")
+    before = dest_state(str(d))
+    assert interrupted(str(d), before) == f"{d} was not changed"
+    # The pull added oci-layout and blobs.
+    (d / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
+    (d / "blobs" / "sha256").mkdir(parents=True)
+    (d / "blobs" / "sha256" / ("a" * 64)).write_bytes(b"x")
+    msg = interrupted(str(d), before)
+    assert "was not changed" not in msg and "no index.json" in msg and "reused" in msg, msg
+    # An unfinished pull before, one more blob now: the top level looks the same.
+    before = dest_state(str(d))
+    (d / "blobs" / "sha256" / ("b" * 64)).write_bytes(b"y")
+    msg = interrupted(str(d), before)
+    assert "was not changed" not in msg and "no index.json" in msg, msg
+    # A layout with index.json: replaced atomically, so as it was, or (the pull finished
+    # as the interrupt came) replaced, and then it does not say "as it was".
+    write_layout(tmp_path / "lay", oci_image(1), "v1")
+    lay = tmp_path / "lay"
+    before = dest_state(str(lay))
+    (lay / "blobs" / "sha256" / ("c" * 64)).write_bytes(b"z")
+    assert "index.json is as it was" in interrupted(str(lay), before)
+    tmp = lay / "index.json.new"
+    tmp.write_bytes((lay / "index.json").read_bytes().replace(b"v1", b"v2"))
+    os.replace(tmp, lay / "index.json")
+    assert "as it was" not in interrupted(str(lay), before)
+    # A tarball: replaced atomically, so not written, or not changed.
+    t = tmp_path / "x.tar"
+    before = dest_state(str(t))
+    assert interrupted(str(t), before) == f"{t} was not written"
+    t.write_bytes(b"old")
+    before = dest_state(str(t))
+    assert interrupted(str(t), before) == f"{t} was not changed"

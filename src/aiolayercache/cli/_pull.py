@@ -6,6 +6,7 @@ import argparse
 import os
 import re
 import sys
+from dataclasses import dataclass
 from typing import Any, cast
 
 import anyio
@@ -18,7 +19,7 @@ from ._cache_cmd import default_cache_dir
 from ._progress import ObservedImage, ObservedIndex, Reporter
 from ._sources import Source, check_platform, dedupe, parse_source, resolve
 
-__all__ = ["dest_state", "interrupted", "pull"]
+__all__ = ["DestState", "dest_state", "interrupted", "pull"]
 
 # org.opencontainers.image.ref.name, as the image spec's grammar has it.
 _NAME_PART = r"[A-Za-z0-9]+(?:(?:[-._:@+]|--)[A-Za-z0-9]+)*"
@@ -185,25 +186,83 @@ async def pull(args: argparse.Namespace, rep: Reporter) -> int:
     return EXIT_OK
 
 
-def dest_state(dest: str) -> str:
-    """``absent``, ``layout`` (has an index.json), ``file`` or ``dir``."""
-    if os.path.isfile(os.path.join(dest, "index.json")):
-        return "layout"
+@dataclass(frozen=True)
+class DestState:
+    """What DEST was before a pull: enough to say truly what an interrupt left.
+
+    ``kind`` is ``absent``, ``layout`` (has an index.json), ``dir`` (a
+    directory without one) or ``file``. ``stamp`` is the index.json's (a
+    layout) or the file's inode, size and mtime: both are replaced atomically,
+    so an unchanged stamp means unchanged bytes. ``names`` (a ``dir`` only) are
+    the names a pull writes: the top level and ``blobs/ALG/*``.
+    """
+
+    kind: str
+    stamp: tuple[int, int, int] | None = None
+    names: frozenset[str] = frozenset()
+
+
+def _stamp(path: str) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _listing(path: str) -> frozenset[str]:
+    """Names only, where a layout write puts them: cheap, and enough, as blobs never change."""
+    names: set[str] = set()
+    try:
+        names.update(os.listdir(path))
+        blobs = os.path.join(path, "blobs")
+        if os.path.isdir(blobs) and not os.path.islink(blobs):
+            for alg in os.listdir(blobs):
+                names.add(f"blobs/{alg}")
+                d = os.path.join(blobs, alg)
+                if os.path.isdir(d) and not os.path.islink(d):
+                    names.update(f"blobs/{alg}/{n}" for n in os.listdir(d))
+    except OSError:
+        pass
+    return frozenset(names)
+
+
+def dest_state(dest: str) -> DestState:
+    index = os.path.join(dest, "index.json")
+    if os.path.isfile(index):
+        return DestState("layout", stamp=_stamp(index))
     if os.path.isdir(dest):
-        return "dir"
-    return "file" if os.path.exists(dest) else "absent"
+        return DestState("dir", names=_listing(dest))
+    if os.path.exists(dest):
+        return DestState("file", stamp=_stamp(dest))
+    return DestState("absent")
 
 
-def interrupted(dest: str, before: str) -> str:
+def interrupted(dest: str, before: DestState) -> str:
     """What an interrupted pull left at ``dest``, in words (temp files never stay)."""
     now = dest_state(dest)
-    if now == "layout" and before == "layout":
-        return f"{dest}: index.json is as it was; blobs written so far stay and are reused"
-    if now == "dir" and before != "dir":
+    again = "pull again to be sure it holds every image"
+    if now.kind == "layout":
+        if before.kind != "layout":  # index.json comes last: the pull got there
+            return f"{dest}: index.json was written as the interrupt came; {again}"
+        if now.stamp == before.stamp:
+            return f"{dest}: index.json is as it was; blobs written so far stay and are reused"
+        return f"{dest}: index.json was replaced as the interrupt came; {again}"
+    if now.kind == "dir":
+        if before.kind == "dir" and now.names == before.names:
+            return f"{dest} was not changed"
+        if before.kind == "layout":  # index.json is replaced, never removed, by a pull
+            return f"{dest}: index.json is gone; pull again"
+        # Remove it only if this pull made it: a directory that was there may hold other files.
+        fix = " or remove it" if before.kind == "absent" else ""
         return (
-            f"{dest}: blobs of this pull but no index.json yet (not a usable layout); "
-            "pull again to finish it (written blobs are reused) or remove it"
+            f"{dest}: blobs of an unfinished pull but no index.json yet (not a usable "
+            f"layout); pull again to finish it (written blobs are reused){fix}"
         )
-    if now == before:
+    if now.kind == "absent":
+        return f"{dest} was not written" if before.kind == "absent" else f"{dest} is gone"
+    if before.kind == "file" and now.stamp == before.stamp:
         return f"{dest} was not changed"
-    return f"{dest} may be incomplete: pull again"
+    if before.kind == "absent":  # a tarball is renamed into place when complete
+        return f"{dest} was written as the interrupt came; {again}"
+    return f"{dest} was replaced as the interrupt came; {again}"
