@@ -434,3 +434,32 @@ def test_interrupt_messages_compare_with_what_dest_was(tmp_path: Path) -> None:
     t.write_bytes(b"old")
     before = dest_state(str(t))
     assert interrupted(str(t), before) == f"{t} was not changed"
+
+
+# --- the attack on the CLI, 4: a failed pull names its source once --------------------------
+
+
+def test_a_failed_pull_names_its_source_once(
+    registry: Registry, published: Published, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    lay, single = tmp_path / "lay", tmp_path / "single"
+    anyio.run(
+        layout.write,
+        lay,
+        random.index(32 * 1024, 1, 2, platforms=["linux/amd64", "linux/arm64"], seed=7),
+    )
+    write_layout(single, oci_image(8, platform="linux/arm64"), "v1")
+    (tmp_path / "empty").mkdir()
+    cases = [
+        (f"oci:{single}:v9", []),  # no image of that name
+        (f"oci:{lay}", ["--platform", "linux/s390x"]),  # a layout's index without it
+        (f"oci:{single}:v1", ["--platform", "linux/amd64"]),  # a single image of another
+        (f"{registry.host}/test/multi:v1", ["--platform", "linux/s390x"]),
+        (f"{registry.host}/test/small:v1", ["--platform", "linux/arm64"]),
+        (f"oci:{tmp_path / 'empty'}", []),  # not a layout
+    ]
+    for src, opts in cases:
+        code, _, err = pull(capsys, src, str(tmp_path / "d"), "--no-cache", *opts)
+        assert code == 1, (src, err)
+        assert f"aiolayercache: pull failed: {src}: " in err, err
+        assert err.count(src) == 1, err

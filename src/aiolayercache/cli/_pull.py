@@ -17,7 +17,7 @@ from ..remote import Client, InvalidReferenceError, Reference
 from ._args import EXIT_FAILED, EXIT_OK, UsageError
 from ._cache_cmd import default_cache_dir
 from ._progress import ObservedImage, ObservedIndex, Reporter
-from ._sources import Source, check_platform, dedupe, parse_source, resolve
+from ._sources import Source, check_platform, dedupe, failure, parse_source, resolve
 
 __all__ = ["DestState", "dest_state", "interrupted", "pull"]
 
@@ -143,7 +143,7 @@ async def pull(args: argparse.Namespace, rep: Reporter) -> int:
                             img = cache.image(t, fs) if fs is not None else t
                             observed = ObservedImage(img, rep)
                             if single and args.platform:
-                                await check_platform(observed, args.platform, src.text)
+                                await check_platform(observed, args.platform)
                         else:
                             ii = cache.image_index(t, fs) if fs is not None else t
                             observed = ObservedIndex(ii, rep)
@@ -151,7 +151,7 @@ async def pull(args: argparse.Namespace, rep: Reporter) -> int:
                 except Exception as exc:
                     if args.debug:
                         raise
-                    failures.append(f"{src.text}: {exc}")
+                    failures.append(failure(src, exc))
 
         async with anyio.create_task_group() as tg:
             for i, src in enumerate(sources):
