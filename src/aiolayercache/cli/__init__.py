@@ -38,7 +38,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="aiolayercache: %(message)s",
     )
     rep: _progress.Reporter | None = None
-    before = _pull.dest_state(args.dest) if args.command == "pull" else ""
+    # What DEST was, so an interrupt can say truly what it left (names only: cheap).
+    before = _pull.dest_state(args.dest) if args.command == "pull" else None
     try:
         if args.command == "pull":
             quiet = args.quiet
@@ -54,11 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         code = EXIT_INTERRUPTED
-        what = (
-            _pull.interrupted(args.dest, before)
-            if args.command == "pull"
-            else "nothing was changed"
-        )
+        what = _pull.interrupted(args.dest, before) if before is not None else "nothing was changed"
         print(f"aiolayercache: interrupted; {what}", file=sys.stderr)
     except Exception as exc:
         if rep is not None:

@@ -10,7 +10,6 @@ import argparse
 import re
 
 from .. import __version__
-from .._types import Platform
 
 __all__ = [
     "EXIT_FAILED",
@@ -29,6 +28,8 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 _SIZE = re.compile(r"(?i)^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$")
 _DURATION = re.compile(r"(?i)^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+# Spelled out, not re.IGNORECASE: that would let the Kelvin sign through as a 'k'.
+_PLATFORM = re.compile(r"[A-Za-z0-9_]+/[A-Za-z0-9_]+(?:/[A-Za-z0-9_]+)?")
 
 
 class UsageError(Exception):
@@ -55,15 +56,19 @@ def parse_duration(s: str) -> float:
 
 
 def parse_platform(s: str) -> str:
-    """``linux/arm64``, ``linux/arm/v7``: checked here, so a bad one is a usage error."""
-    try:
-        Platform.from_string(s)
-    except ValueError:
+    """``linux/arm64``, ``linux/arm/v7``: checked whole here, so a bad one is a usage error.
+
+    Each part is ``[a-z0-9_]+``; capitals are read as containerd's
+    ``platforms.Parse`` reads them (``LINUX/AMD64`` is ``linux/amd64``), and
+    the lowercase form is returned. Nothing is trimmed: containerd refuses
+    ``" linux/amd64"`` too.
+    """
+    if not _PLATFORM.fullmatch(s):
         raise argparse.ArgumentTypeError(
-            f"not a platform: {s!r} (a platform is OS/ARCH[/VARIANT], "
-            "e.g. linux/amd64 or linux/arm/v7)"
-        ) from None
-    return s
+            f"not a platform: {s!r} (a platform is OS/ARCH[/VARIANT], each part "
+            "letters, digits or '_', e.g. linux/amd64 or linux/arm/v7)"
+        )
+    return s.lower()
 
 
 def human(n: float) -> str:

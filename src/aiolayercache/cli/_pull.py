@@ -6,34 +6,70 @@ import argparse
 import os
 import re
 import sys
+from dataclasses import dataclass
 from typing import Any, cast
 
 import anyio
 
 from .. import Hash, Image, cache, layout, mutate, tarball
 from ..cache import FilesystemCache
-from ..remote import Client
+from ..remote import Client, InvalidReferenceError, Reference
 from ._args import EXIT_FAILED, EXIT_OK, UsageError
 from ._cache_cmd import default_cache_dir
 from ._progress import ObservedImage, ObservedIndex, Reporter
-from ._sources import Source, check_platform, dedupe, parse_source, resolve
+from ._sources import Source, check_platform, dedupe, failure, parse_source, resolve
 
-__all__ = ["dest_state", "interrupted", "pull"]
+__all__ = ["DestState", "dest_state", "interrupted", "pull"]
 
 # org.opencontainers.image.ref.name, as the image spec's grammar has it.
 _NAME_PART = r"[A-Za-z0-9]+(?:(?:[-._:@+]|--)[A-Za-z0-9]+)*"
 _REF_NAME = re.compile(rf"{_NAME_PART}(?:/{_NAME_PART})*")
 
 
-def _renames(args: argparse.Namespace) -> dict[str, str]:
-    """``--name SRC=NAME`` options, checked: SRC is one of the sources, NAME a ref name."""
+def _tarball_name(name: str) -> str | None:
+    """``REPOSITORY[:TAG]`` as ``docker load`` takes a RepoTag, or None.
+
+    The repository is what :meth:`Reference.parse` accepts (lowercase); no
+    digest. A name without a tag gets ``:latest``, as ``docker tag`` gives it:
+    ``docker load`` refuses a RepoTag without one.
+    """
+    try:
+        ref = Reference.parse(name)
+    except InvalidReferenceError:
+        return None
+    if ref.digest is not None or "@" in name:
+        return None
+    return name if name.endswith(f":{ref.tag}") else f"{name}:{ref.tag}"
+
+
+def _renames(args: argparse.Namespace, fmt: str) -> dict[str, str]:
+    """``--name SRC=NAME`` options, checked: SRC is one of the sources, named once;
+    NAME is a ref name (a layout) or a repository and tag (a docker tarball)."""
     out: dict[str, str] = {}
     for item in args.name:
         src, eq, name = item.rpartition("=")
-        if not eq or not src or not _REF_NAME.fullmatch(name):
-            raise UsageError(f"--name {item!r}: want SRC=NAME, NAME like v1 or example.com/app:1.0")
+        if not eq or not src:
+            raise UsageError(f"--name {item!r}: want SRC=NAME")
         if src not in args.sources:
             raise UsageError(f"--name {item!r}: {src!r} is not one of the sources")
+        if fmt == "tarball":
+            tag = _tarball_name(name)
+            if tag is None:
+                raise UsageError(
+                    f"--name {item!r}: {name!r} is not a name docker load takes: a tarball "
+                    "names an image REPOSITORY[:TAG], the repository lowercase, no digest "
+                    "(e.g. example.com/app:1.0)"
+                )
+            name = tag
+        elif not _REF_NAME.fullmatch(name):
+            raise UsageError(
+                f"--name {item!r}: {name!r} is not a ref name of an OCI layout "
+                "(e.g. v1 or example.com/app:1.0)"
+            )
+        if out.get(src, name) != name:
+            raise UsageError(
+                f"--name: {src!r} is named twice, {out[src]!r} and {name!r}; give it one name"
+            )
         out[src] = name
     return out
 
@@ -84,9 +120,9 @@ async def _name_apart(
 
 
 async def pull(args: argparse.Namespace, rep: Reporter) -> int:
-    renames = _renames(args)
-    sources = dedupe([parse_source(s) for s in args.sources], renames)
     fmt = args.format or ("tarball" if args.dest.endswith((".tar", ".tar.gz")) else "oci")
+    renames = _renames(args, fmt)
+    sources = dedupe([parse_source(s) for s in args.sources], renames)
     fs = None if args.no_cache else FilesystemCache(args.cache_dir or default_cache_dir())
     if args.jobs < 1:
         raise UsageError("-j must be at least 1")
@@ -107,7 +143,7 @@ async def pull(args: argparse.Namespace, rep: Reporter) -> int:
                             img = cache.image(t, fs) if fs is not None else t
                             observed = ObservedImage(img, rep)
                             if single and args.platform:
-                                await check_platform(observed, args.platform, src.text)
+                                await check_platform(observed, args.platform)
                         else:
                             ii = cache.image_index(t, fs) if fs is not None else t
                             observed = ObservedIndex(ii, rep)
@@ -115,7 +151,7 @@ async def pull(args: argparse.Namespace, rep: Reporter) -> int:
                 except Exception as exc:
                     if args.debug:
                         raise
-                    failures.append(f"{src.text}: {exc}")
+                    failures.append(failure(src, exc))
 
         async with anyio.create_task_group() as tg:
             for i, src in enumerate(sources):
@@ -150,25 +186,83 @@ async def pull(args: argparse.Namespace, rep: Reporter) -> int:
     return EXIT_OK
 
 
-def dest_state(dest: str) -> str:
-    """``absent``, ``layout`` (has an index.json), ``file`` or ``dir``."""
-    if os.path.isfile(os.path.join(dest, "index.json")):
-        return "layout"
+@dataclass(frozen=True)
+class DestState:
+    """What DEST was before a pull: enough to say truly what an interrupt left.
+
+    ``kind`` is ``absent``, ``layout`` (has an index.json), ``dir`` (a
+    directory without one) or ``file``. ``stamp`` is the index.json's (a
+    layout) or the file's inode, size and mtime: both are replaced atomically,
+    so an unchanged stamp means unchanged bytes. ``names`` (a ``dir`` only) are
+    the names a pull writes: the top level and ``blobs/ALG/*``.
+    """
+
+    kind: str
+    stamp: tuple[int, int, int] | None = None
+    names: frozenset[str] = frozenset()
+
+
+def _stamp(path: str) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _listing(path: str) -> frozenset[str]:
+    """Names only, where a layout write puts them: cheap, and enough, as blobs never change."""
+    names: set[str] = set()
+    try:
+        names.update(os.listdir(path))
+        blobs = os.path.join(path, "blobs")
+        if os.path.isdir(blobs) and not os.path.islink(blobs):
+            for alg in os.listdir(blobs):
+                names.add(f"blobs/{alg}")
+                d = os.path.join(blobs, alg)
+                if os.path.isdir(d) and not os.path.islink(d):
+                    names.update(f"blobs/{alg}/{n}" for n in os.listdir(d))
+    except OSError:
+        pass
+    return frozenset(names)
+
+
+def dest_state(dest: str) -> DestState:
+    index = os.path.join(dest, "index.json")
+    if os.path.isfile(index):
+        return DestState("layout", stamp=_stamp(index))
     if os.path.isdir(dest):
-        return "dir"
-    return "file" if os.path.exists(dest) else "absent"
+        return DestState("dir", names=_listing(dest))
+    if os.path.exists(dest):
+        return DestState("file", stamp=_stamp(dest))
+    return DestState("absent")
 
 
-def interrupted(dest: str, before: str) -> str:
+def interrupted(dest: str, before: DestState) -> str:
     """What an interrupted pull left at ``dest``, in words (temp files never stay)."""
     now = dest_state(dest)
-    if now == "layout" and before == "layout":
-        return f"{dest}: index.json is as it was; blobs written so far stay and are reused"
-    if now == "dir" and before != "dir":
+    again = "pull again to be sure it holds every image"
+    if now.kind == "layout":
+        if before.kind != "layout":  # index.json comes last: the pull got there
+            return f"{dest}: index.json was written as the interrupt came; {again}"
+        if now.stamp == before.stamp:
+            return f"{dest}: index.json is as it was; blobs written so far stay and are reused"
+        return f"{dest}: index.json was replaced as the interrupt came; {again}"
+    if now.kind == "dir":
+        if before.kind == "dir" and now.names == before.names:
+            return f"{dest} was not changed"
+        if before.kind == "layout":  # index.json is replaced, never removed, by a pull
+            return f"{dest}: index.json is gone; pull again"
+        # Remove it only if this pull made it: a directory that was there may hold other files.
+        fix = " or remove it" if before.kind == "absent" else ""
         return (
-            f"{dest}: blobs of this pull but no index.json yet (not a usable layout); "
-            "pull again to finish it (written blobs are reused) or remove it"
+            f"{dest}: blobs of an unfinished pull but no index.json yet (not a usable "
+            f"layout); pull again to finish it (written blobs are reused){fix}"
         )
-    if now == before:
+    if now.kind == "absent":
+        return f"{dest} was not written" if before.kind == "absent" else f"{dest} is gone"
+    if before.kind == "file" and now.stamp == before.stamp:
         return f"{dest} was not changed"
-    return f"{dest} may be incomplete: pull again"
+    if before.kind == "absent":  # a tarball is renamed into place when complete
+        return f"{dest} was written as the interrupt came; {again}"
+    return f"{dest} was replaced as the interrupt came; {again}"

@@ -25,7 +25,7 @@ from ..remote import (
 )
 from ._args import UsageError
 
-__all__ = ["Source", "check_platform", "dedupe", "parse_source", "resolve"]
+__all__ = ["Source", "check_platform", "dedupe", "failure", "parse_source", "resolve"]
 
 
 @dataclass
@@ -79,6 +79,8 @@ async def resolve(
 ) -> list[tuple[str, Image | ImageIndex, bool]]:
     """``(name, image or index, single)`` for each image of ``src``.
 
+    Its own errors do not name the source: the caller does (:func:`failure`).
+
     ``single`` is True for an image that was not chosen from an index by its
     platform: the only kind whose platform is still to be checked.
     """
@@ -100,7 +102,7 @@ async def resolve(
             if src.ref is None or (d.annotations or {}).get(REF_NAME) == src.ref
         ]
         if not picks:
-            raise LookupError(f"{src.text}: no image named {src.ref!r} in the layout")
+            raise LookupError(f"no image named {src.ref!r} in the layout")
         out: list[tuple[str, Image | ImageIndex, bool]] = []
         for d in picks:
             name = (d.annotations or {}).get(REF_NAME) or d.digest.hex[:12]
@@ -110,7 +112,8 @@ async def resolve(
                     out.append((name, child, False))
                 else:
                     want = Platform.from_string(platform)
-                    out.append((name, await image_for_platform(child, want, src.text), False))
+                    what = f"index {name}"
+                    out.append((name, await image_for_platform(child, want, what), False))
             else:
                 out.append((name, await ii.image(d.digest), True))
         return out
@@ -118,10 +121,32 @@ async def resolve(
     return [((img.repo_tags or [os.path.basename(src.path)])[0], img, True) for img in imgs]
 
 
-async def check_platform(img: Image, platform: str, what: str) -> None:
+def failure(src: Source, exc: BaseException) -> str:
+    """``SRC: what went wrong``, the source named once, as it was given.
+
+    An error of the library may start with the source already: a registry
+    error with the reference (``host/x:v1: no image for platform …``), an
+    archive's with its path. That name is not said twice; it is replaced by
+    the source as the user typed it.
+    """
+    msg = str(exc)
+    spellings = [src.text]
+    if src.kind == "registry":
+        assert src.ref is not None
+        spellings += [src.ref, str(Reference.parse(src.ref))]
+    else:
+        spellings += [src.path, os.path.abspath(src.path)]
+    for name in spellings:
+        if msg.startswith(f"{name}: "):
+            return f"{src.text}: {msg[len(name) + 2 :]}"
+    return f"{src.text}: {msg}"
+
+
+async def check_platform(img: Image, platform: str) -> None:
     """An explicit ``--platform`` that a single image does not match is an error.
 
     Its config says where it runs; a config that says nothing is let through.
+    The error does not name the source: the caller does (:func:`failure`).
     """
     cfg = await img.config_file()
     if not cfg.os or not cfg.architecture:
@@ -132,6 +157,6 @@ async def check_platform(img: Image, platform: str, what: str) -> None:
     )
     if not platform_matches(want, have):
         raise PlatformNotFoundError(
-            f"{what}: --platform {want} asked for, but this is a single-platform image "
+            f"--platform {want} asked for, but this is a single-platform image "
             f"for {have} (not an index with a {want} image)"
         )
