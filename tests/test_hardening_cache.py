@@ -620,3 +620,62 @@ def test_after_a_stalled_filler_one_process_fetches_for_all(
     assert gets == 1, f"{gets} downloads of the stalled layer; one process should fetch for all"
     for i in range(3):
         assert layout_blobs_verify(tmp_path / f"out{i}") == []
+
+
+@pytest.mark.parametrize("what", ["layer", "config"])
+@pytest.mark.parametrize("dest", ["layout", "tarball"])
+async def test_a_rotted_entry_is_fetched_again_for_any_destination(
+    what: str, dest: str, tmp_path: Path
+) -> None:
+    """Rot that keeps size, mtime and inode: the streamed read fails its hash at the end;
+    the destination drops what it got of it and reads it once more, from upstream."""
+    img = random.image(256 * 1024, 2, seed=40)
+    cache_dir = tmp_path / "cache"
+    await layout.write(tmp_path / "warm", cache.image(img, FilesystemCache(cache_dir)))
+    m = await img.manifest()
+    h = m.layers[0].digest if what == "layer" else m.config.digest
+    rot(cache_dir / h.filename, 10)
+    fs = FilesystemCache(cache_dir)
+    if dest == "layout":
+        await layout.write(tmp_path / "out", cache.image(img, fs))
+        assert layout_blobs_verify(tmp_path / "out") == []
+    else:
+        from aiolayercache import tarball, validate
+
+        await tarball.write(tmp_path / "out.tar", {"x/y:v1": cache.image(img, fs)})
+        await validate.image(await tarball.image(tmp_path / "out.tar", "x/y:v1"))
+    assert sha256_file(cache_dir / h.filename) == str(h), "fetched again, with the right bytes"
+
+
+async def test_tarball_destinations_leave_no_temp_behind(tmp_path: Path) -> None:
+    from aiolayercache import tarball
+
+    img = random.image(64 * 1024, 1, seed=41)
+    (tmp_path / "adir.tar").mkdir()
+    with pytest.raises(tarball.TarballError, match="is a directory"):
+        await tarball.write(tmp_path / "adir.tar", img)
+    dead = tmp_path / ".tarball.0123456789abcdef.tmp"  # a killed write's, lock free
+    dead.write_bytes(b"x" * 100)
+    mine = tmp_path / "notes.tmp"
+    mine.write_bytes(b"mine")
+    await tarball.write(tmp_path / "ok.tar", img)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir.tar", "notes.tmp", "ok.tar"]
+
+
+async def test_a_failed_rename_leaves_no_temp_file(tmp_path: Path) -> None:
+    out = AtomicFile(str(tmp_path / "target"), str(tmp_path), durable=False, tag="t")
+    (tmp_path / "target").mkdir()
+    (tmp_path / "target" / "x").write_bytes(b"x")  # a non-empty dir: rename onto it fails
+    await out.open()
+    await out.write(b"data")
+    with pytest.raises(OSError):
+        await out.commit()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["target"]
+
+
+async def test_a_fifo_is_not_an_archive(tmp_path: Path) -> None:
+    from aiolayercache import tarball
+
+    os.mkfifo(tmp_path / "a.tar")
+    with anyio.fail_after(10), pytest.raises(tarball.TarballError, match="not a regular file"):
+        await tarball.images(tmp_path / "a.tar")

@@ -260,6 +260,21 @@ class AtomicFile:
         self.size += size
         return Hash(expected.algorithm, hasher.hexdigest())
 
+    async def rewind(self, size: int) -> None:
+        """Cut the file back to its first ``size`` bytes and write on from there (to drop
+        a part whose source failed, before writing it again)."""
+        self._check("rewind")
+        await self._settle(0)
+        fd = self._fd_box[0]
+
+        def cut() -> None:
+            os.ftruncate(fd, size)
+            os.lseek(fd, size, os.SEEK_SET)
+
+        await asyncio.get_running_loop().run_in_executor(self._executor, cut)
+        self.size = size
+        self.head = self.head[:size]
+
     async def copy_from(self, src_fd: int, size: int, expected: Hash) -> Hash:
         """Copy ``size`` bytes of open file ``src_fd`` in the kernel (``copy_file_range``).
 
@@ -284,7 +299,12 @@ class AtomicFile:
             os.fsync(fd)
         self._fd_box.pop()
         os.close(fd)
-        os.replace(self.tmp, self.final)
+        try:
+            os.replace(self.tmp, self.final)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(self.tmp)  # the final name cannot be taken: leave nothing behind
+            raise
         if self._finalizer is not None:
             self._finalizer.detach()
         if self.durable and self.sync_dir:

@@ -7,7 +7,9 @@ place at the end. Kept apart from the reader so each module stays small.
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import os
 import tarfile
 from collections.abc import Mapping, Sequence
@@ -16,18 +18,52 @@ from typing import Literal
 import anyio
 import anyio.to_thread
 
-from ._atomic import AtomicFile
+from ._atomic import AtomicFile, sweep_temps
+from ._errors import AioLayerCacheError, DigestMismatchError
 from ._hash import Hash
-from ._protocols import Image
+from ._protocols import Image, Layer
+from ._types import Descriptor
 from .streams import VerifyingStream, sniff
 
-__all__ = ["write"]
+__all__ = ["TarballError", "write"]
+
+log = logging.getLogger("aiolayercache.tarball")
+
+
+class TarballError(AioLayerCacheError):
+    """A tarball is malformed, names a member it lacks, or names one unsafely."""
+
+    __module__ = "aiolayercache.tarball"
 
 
 def kind(head: bytes) -> str:
     """``"gzip"``, ``"zstd"`` or ``"tar"``: what a layer starting with ``head`` holds."""
     k = sniff(head)
     return k if k in ("gzip", "zstd") else "tar"
+
+
+async def _member(out: AtomicFile, desc: Descriptor, layer: Layer, written: set[str]) -> str:
+    """Write one layer into the archive (once: ``written`` names what is in); its name."""
+    stream = VerifyingStream(
+        await layer.compressed(), desc.digest, desc.size, what=f"layer {desc.digest}"
+    )
+    async with stream:
+        first = b""
+        try:
+            first = await stream.receive()
+        except anyio.EndOfStream:
+            pass
+        name = f"{desc.digest.hex}{_EXT[kind(first)]}"
+        if name in written:
+            return name
+        await out.write(_header(name, desc.size))
+        if first:
+            await out.write(first)
+        async for chunk in stream:
+            await out.write(chunk)
+        await out.write(_padding(desc.size))
+        written.add(name)
+    return name
 
 
 def _header(name: str, size: int) -> bytes:
@@ -63,6 +99,12 @@ async def write(
     else:
         tagged = [(None, target)]
     final = await anyio.to_thread.run_sync(os.path.realpath, os.fspath(path))
+    if await anyio.to_thread.run_sync(os.path.isdir, final):
+        raise TarballError(f"{final} is a directory: a docker tarball is written as a file")
+    # Temp files of a killed earlier write (lock free, our names only) go now.
+    await anyio.to_thread.run_sync(
+        functools.partial(sweep_temps, os.path.dirname(final), ours_only=True)
+    )
     out = AtomicFile(final, os.path.dirname(final), durable=durability == "full", tag="tarball")
     try:
         await out.open()
@@ -88,26 +130,16 @@ async def write(
                 written.add(config_name)
             names = []
             for desc, layer in zip(m.layers, await img.layers(), strict=True):
-                stream = VerifyingStream(
-                    await layer.compressed(), desc.digest, desc.size, what=f"layer {desc.digest}"
-                )
-                async with stream:
-                    first = b""
-                    try:
-                        first = await stream.receive()
-                    except anyio.EndOfStream:
-                        pass
-                    name = f"{desc.digest.hex}{_EXT[kind(first)]}"
-                    names.append(name)
-                    if name in written:
-                        continue
-                    await out.write(_header(name, desc.size))
-                    if first:
-                        await out.write(first)
-                    async for chunk in stream:
-                        await out.write(chunk)
-                    await out.write(_padding(desc.size))
-                    written.add(name)
+                start = out.size
+                try:
+                    name = await _member(out, desc, layer, written)
+                except DigestMismatchError as exc:
+                    # A source proven once that rotted since (a cache entry) condemned
+                    # itself: drop what went in of it and read it once more (fetched anew).
+                    log.warning("tarball %s: %s; reading layer %s once more", final, exc, desc)
+                    await out.rewind(start)
+                    name = await _member(out, desc, layer, written)
+                names.append(name)
             entry: dict[str, object] = {
                 "Config": config_name,
                 "RepoTags": [tag] if tag else [],

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import stat
 import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,12 +25,12 @@ import anyio.to_thread
 from anyio.abc import ByteReceiveStream
 
 from . import partial
-from ._errors import AioLayerCacheError, ManifestError
+from ._errors import ManifestError
 from ._hash import Hash
 from ._once import Once
 from ._protocols import Layer
+from ._tarball_write import TarballError, write
 from ._tarball_write import kind as _kind
-from ._tarball_write import write
 from ._types import MAX_DOCUMENT_BYTES, ConfigFile, Descriptor, MediaType
 from .streams import (
     CHUNK_SIZE,
@@ -54,10 +55,6 @@ __all__ = [
 # layers (moby layer_store.go maxLayerDepth), and reading an archive costs work per listing.
 MAX_ARCHIVE_IMAGES = 1000
 MAX_IMAGE_LAYERS = 1000
-
-
-class TarballError(AioLayerCacheError):
-    """A tarball is malformed, names a member it lacks, or names one unsafely."""
 
 
 class _RangeStream(ChunkStream):
@@ -195,6 +192,12 @@ def _safe_name(name: object, archive: str) -> str:
 def _index_archive(path: str) -> dict[str, _Member]:
     members: dict[str, _Member] = {}
     links: dict[str, str] = {}
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise TarballError(f"{path}: cannot read the archive: {exc.strerror}") from exc
+    if not stat.S_ISREG(mode):  # a FIFO would block for ever, a device read for ever
+        raise TarballError(f"{path}: not a regular file, so not a docker archive")
     try:
         with tarfile.open(path, "r:") as tf:
             for m in tf:

@@ -16,7 +16,7 @@ from typing import Protocol, runtime_checkable
 import anyio
 from anyio.abc import ByteReceiveStream
 
-from .._errors import LayerNotFoundError
+from .._errors import DigestMismatchError, LayerNotFoundError
 from .._hash import Hash
 from .._protocols import Image, ImageIndex, Layer
 from .._types import (
@@ -126,7 +126,9 @@ class _CachedImage(ImageWrapper):
             try:
                 hit = await self._c.get(desc.digest)
                 self._raw_config = await read_all(await hit.compressed(), MAX_DOCUMENT_BYTES)
-            except LayerNotFoundError:
+            except (LayerNotFoundError, DigestMismatchError):
+                # Not cached, or an entry that rotted since its proof (it was removed when
+                # its bytes failed; nobody saw them, they were read whole first).
                 # Fetched inside the cache's fill, so one task or process fetches it and
                 # the others read what it committed (single-flight, as for layers).
                 put = await self._c.put(ConfigLayer(self._inner.raw_config_file, desc))
