@@ -306,6 +306,23 @@ anyio.run(main)
 """
 
 
+# Root with CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH dropped: file permissions apply.
+DROP = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+
+
+def run_unprivileged(tmp_path: Path, script: str, *args: Path) -> subprocess.CompletedProcess[str]:
+    """Run ``script`` (Python) with ``args`` as a user whom file permissions bind."""
+    kid = tmp_path / "kid.py"
+    kid.write_text(script)
+    return subprocess.run(
+        [*DROP, sys.executable, str(kid), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
 def test_an_unreadable_entry_is_a_miss_with_one_warning(tmp_path: Path) -> None:
     """As a user without the right to read an entry (root with CAP_DAC_* dropped)."""
     if shutil.which("setpriv") is None:
@@ -316,16 +333,7 @@ def test_an_unreadable_entry_is_a_miss_with_one_warning(tmp_path: Path) -> None:
     h = anyio.run(first_layer, img)[0]
     entry = cache_dir / h.filename
     entry.chmod(0)
-    kid = tmp_path / "kid.py"
-    kid.write_text(_UNREADABLE_KID)
-    drop = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
-    out = subprocess.run(
-        [*drop, sys.executable, str(kid), str(cache_dir), str(tmp_path / "out")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    out = run_unprivileged(tmp_path, _UNREADABLE_KID, cache_dir, tmp_path / "out")
     assert out.returncode == 0, out.stderr
     assert out.stderr.count("cannot read entry") == 1, out.stderr
     assert layout_blobs_verify(tmp_path / "out") == []
@@ -334,7 +342,7 @@ def test_an_unreadable_entry_is_a_miss_with_one_warning(tmp_path: Path) -> None:
     assert "unverified" not in out.stdout and "unreadable" not in out.stdout
     entry.chmod(0)
     ls = subprocess.run(
-        [*drop, *CLI, "cache", "--cache-dir", str(cache_dir), "ls"],
+        [*DROP, *CLI, "cache", "--cache-dir", str(cache_dir), "ls"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -343,7 +351,7 @@ def test_an_unreadable_entry_is_a_miss_with_one_warning(tmp_path: Path) -> None:
     assert ls.returncode == 0, ls.stderr
     assert f"{h}" in ls.stdout and "unreadable" in ls.stdout
     verify = subprocess.run(
-        [*drop, *CLI, "cache", "--cache-dir", str(cache_dir), "verify"],
+        [*DROP, *CLI, "cache", "--cache-dir", str(cache_dir), "verify"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -519,16 +527,7 @@ def test_an_unwritable_state_dir_never_fails_a_pull(which: str, tmp_path: Path) 
     cache_dir = tmp_path / "cache"
     anyio.run(FilesystemCache(cache_dir).sweep)
     (cache_dir / ".aiolayercache" / which).chmod(0)
-    kid = tmp_path / "kid.py"
-    kid.write_text(_LOCKED_OUT_KID)
-    drop = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
-    out = subprocess.run(
-        [*drop, sys.executable, str(kid), str(cache_dir), str(tmp_path / "out")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    out = run_unprivileged(tmp_path, _LOCKED_OUT_KID, cache_dir, tmp_path / "out")
     (cache_dir / ".aiolayercache" / which).chmod(0o755)
     assert out.returncode == 0, out.stderr
     assert "Traceback" not in out.stderr
