@@ -225,12 +225,14 @@ class TokenRequest:
 
 def token_request(realm: URL, ch: Challenge, scope: str, creds: Credentials) -> TokenRequest:
     """The request for a ``scope`` token from ``realm`` (checked) for challenge ``ch``."""
-    query: dict[str, str] = {}
+    query: list[tuple[str, str]] = []
     if ch.params.get("service"):
-        query["service"] = ch.params["service"]
-    query["scope"] = scope
+        query.append(("service", ch.params["service"]))
+    # Several scopes (push here, pull from a mount's source) go as several parameters.
+    query.extend(("scope", s) for s in scope.split())
     if creds.identity_token:
         form = dict(query)
+        form["scope"] = " ".join(scope.split())  # OAuth 2: one space-separated field
         form.update(
             grant_type="refresh_token",
             refresh_token=creds.identity_token,

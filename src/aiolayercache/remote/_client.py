@@ -8,6 +8,7 @@ protocols of ``_protocols``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -184,24 +185,42 @@ class Client:
         self,
         ref: Reference,
         method: str,
-        path: str,
+        path: str | URL,
         *,
         headers: Mapping[str, str] | None = None,
         ok: tuple[int, ...] = (200,),
         what: str,
+        scope: str | None = None,
+        data: Any = None,
+        resend: bool = True,
     ) -> aiohttp.ClientResponse:
-        """A registry API request with auth; raises a typed error unless the status is ``ok``."""
+        """A registry API request with auth; raises a typed error unless the status is ``ok``.
+
+        ``path`` is a path on the registry, or a URL it gave (an upload location:
+        credentials go only to the registry's own origin). ``scope`` is the token
+        scope (default: pull from ``ref``'s repository). With ``resend=False`` (a
+        streamed body, which cannot be sent twice) nothing is retried or re-sent.
+        """
         scheme = scheme_for(ref, self.insecure)
-        url = URL.build(scheme=scheme, authority=ref.endpoint, path=path, encoded=True)
-        scope = f"repository:{ref.repository}:pull"
+        home = URL.build(scheme=scheme, authority=ref.endpoint, encoded=True)
+        if isinstance(path, URL):
+            url = home.join(path)
+            reason = check_target(url, ref, self.insecure, credentials=False)
+            if reason is not None:
+                raise RemoteError(f"refusing {redact(url)}, which {reason}", method=method)
+        else:
+            url = URL.build(scheme=scheme, authority=ref.endpoint, path=path, encoded=True)
+        scope = scope or f"repository:{ref.repository}:pull"
         sent: str | None = None
-        for _ in range(2):
+        for _ in range(2 if resend else 1):
             hdrs = dict(headers or {})
             auth = await self._auth_header(ref, scope, sent)
-            if auth:
+            if auth and origin(url) == origin(home):
                 hdrs["Authorization"] = auth
-            resp = await self._send(method, url, headers=hdrs, ref=ref)
-            if resp.status == 401 and sent is None:
+            resp = await self._send(
+                method, url, headers=hdrs, ref=ref, data=data, attempts=None if resend else 1
+            )
+            if resp.status == 401 and sent is None and resend:
                 challenges = parse_challenges(
                     ", ".join(resp.headers.getall("WWW-Authenticate", []))
                 )
@@ -231,6 +250,7 @@ class Client:
         headers: Mapping[str, str],
         ref: Reference,
         data: Any = None,
+        attempts: int | None = None,
     ) -> aiohttp.ClientResponse:
         """Send with retries on network errors and retryable statuses; redirects by hand.
 
@@ -238,6 +258,8 @@ class Client:
         """
         session = self._get_session()
         policy = self.retry
+        if attempts is not None:
+            policy = dataclasses.replace(policy, attempts=attempts)
         last_exc: BaseException | None = None
         for attempt in range(policy.attempts):
             try:
