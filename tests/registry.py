@@ -370,7 +370,8 @@ class FaultProxy:
     ``flip`` (same length, one byte changed), ``stall`` (sleep ``arg`` s before
     the body), ``redirect`` (307 to the origin ``arg``), ``gzip`` (send the body
     gzip-encoded), ``body`` (replace the body with ``arg``, keep headers),
-    ``header`` (set headers ``arg`` on the forwarded response), ``delay``
+    ``header`` (set headers ``arg`` on the forwarded response), ``drop_upload``
+    (read ``arg`` bytes of the request body, then hang up), ``delay``
     (sleep ``arg`` s before forwarding: added latency; give it a large
     ``times`` and ``method=None`` to delay every request).
     """
@@ -388,7 +389,7 @@ class FaultProxy:
         self.reject_auth = reject_auth  # answer 400 to any Authorization, as S3 does
         self.rules: list[Rule] = []
         self.stats = ProxyStats()
-        app = web.Application()
+        app = web.Application(client_max_size=1 << 30)  # uploads pass through
         app.router.add_route("*", "/{tail:.*}", self.handle)
         self.server = BackgroundServer(app, host)
         self._session: aiohttp.ClientSession | None = None
@@ -425,20 +426,27 @@ class FaultProxy:
             return web.Response(status=400, text="two auth mechanisms")
         rule = self._take(request)
         fault = rule.fault if rule else None
-        if fault == "status":
-            code, headers = rule.arg  # type: ignore[union-attr]
+        if fault == "status":  # arg = (code, headers[, error code])
+            code, headers, *more = rule.arg  # type: ignore[union-attr]
             return web.json_response(
-                {"errors": [{"code": "UNAVAILABLE", "message": "injected"}]},
+                {"errors": [{"code": more[0] if more else "UNAVAILABLE", "message": "injected"}]},
                 status=code,
                 headers=headers,
             )
+        if fault == "drop_upload":  # read arg bytes of the request body, then hang up
+            await request.content.read(rule.arg)  # type: ignore[union-attr]
+            if request.transport is not None:
+                request.transport.close()
+            return web.Response(status=500)
         if fault == "redirect":
             location = f"http://{rule.arg}{request.path_qs}"  # type: ignore[union-attr]
             return web.Response(status=307, headers={"Location": location})
+        # Host is kept: the registry builds upload Locations from it, so uploads come
+        # back through this proxy as they would through a load balancer.
         headers = {
             k: v
             for k, v in request.headers.items()
-            if k.lower() not in ("host", "content-length", "transfer-encoding")
+            if k.lower() not in ("content-length", "transfer-encoding")
         }
         if fault == "no_range":
             headers.pop("Range", None)

@@ -10,8 +10,9 @@ token cache) across pulls; without it the event loop's shared client is used.
 from __future__ import annotations
 
 from .._errors import PlatformNotFoundError
+from .._hash import Hash
 from .._platform import host_platform, platform_matches
-from .._protocols import Image, ImageIndex
+from .._protocols import Image, ImageIndex, Layer
 from .._types import Platform
 from ._auth import Credentials, load_docker_config, parse_challenges
 from ._client import Client
@@ -20,12 +21,14 @@ from ._descriptor import RemoteDescriptor
 from ._errors import RemoteError, TransportError, UnauthorizedError
 from ._reference import InvalidReferenceError, Reference
 from ._retry import RetryPolicy, parse_retry_after
+from ._write import PushStats
 
 __all__ = [
     "Client",
     "Credentials",
     "InvalidReferenceError",
     "PlatformNotFoundError",
+    "PushStats",
     "Reference",
     "RemoteDescriptor",
     "RemoteError",
@@ -33,6 +36,7 @@ __all__ = [
     "TransportError",
     "UnauthorizedError",
     "default_client",
+    "delete",
     "get",
     "host_platform",
     "image",
@@ -41,6 +45,9 @@ __all__ = [
     "parse_challenges",
     "parse_retry_after",
     "platform_matches",
+    "tag",
+    "write",
+    "write_layer",
 ]
 
 
@@ -62,3 +69,31 @@ async def image(
 async def index(ref: str | Reference, *, client: Client | None = None) -> ImageIndex:
     """The index ``ref`` names."""
     return await (client or await default_client()).index(ref)
+
+
+async def write(
+    ref: str | Reference,
+    target: Image | ImageIndex,
+    *,
+    client: Client | None = None,
+    concurrency: int = 4,
+    stats: PushStats | None = None,
+) -> Hash:
+    """Push an image or a whole index to ``ref``; returns the digest of the manifest put."""
+    c = client or await default_client()
+    return await c.write(ref, target, concurrency=concurrency, stats=stats)
+
+
+async def write_layer(repo: str | Reference, layer: Layer, *, client: Client | None = None) -> None:
+    """Push one layer's blob to the repository ``repo`` names."""
+    await (client or await default_client()).write_layer(repo, layer)
+
+
+async def tag(ref: str | Reference, new_tag: str, *, client: Client | None = None) -> None:
+    """Tag the manifest ``ref`` names as ``new_tag`` in its repository."""
+    await (client or await default_client()).tag(ref, new_tag)
+
+
+async def delete(ref: str | Reference, *, client: Client | None = None) -> None:
+    """Delete the manifest ``ref`` names from its registry."""
+    await (client or await default_client()).delete(ref)

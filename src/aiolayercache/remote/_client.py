@@ -20,8 +20,9 @@ from anyio.abc import ByteReceiveStream
 from yarl import URL
 
 from .._hash import Hash
-from .._protocols import Image, ImageIndex
+from .._protocols import Image, ImageIndex, Layer
 from .._types import Descriptor, Platform
+from . import _write
 from ._auth import (
     MAX_TOKEN_BYTES,
     Challenge,
@@ -48,6 +49,7 @@ from ._errors import (
 from ._reference import Reference
 from ._retry import RETRY_STATUSES, RetryBudget, RetryPolicy, is_exhausted_quota, parse_retry_after
 from ._urls import check_target, origin, scheme_for
+from ._write import PushStats
 
 __all__ = ["Client"]
 
@@ -181,7 +183,7 @@ class Client:
             return creds.basic()
         return None
 
-    async def _request(
+    async def request(
         self,
         ref: Reference,
         method: str,
@@ -358,7 +360,7 @@ class Client:
     ) -> tuple[bytes, str, Hash]:
         """The raw manifest ``identifier`` names, its media type and digest (checked)."""
         path = f"/v2/{ref.repository}/manifests/{identifier}"
-        resp = await self._request(
+        resp = await self.request(
             ref, "GET", path, headers={"Accept": MANIFEST_ACCEPT}, what=f"manifest {ref}"
         )
         async with resp:
@@ -389,7 +391,7 @@ class Client:
         headers = {"Accept-Encoding": "identity"}
         if offset:
             headers["Range"] = f"bytes={offset}-"
-        return await self._request(
+        return await self.request(
             ref,
             "GET",
             f"/v2/{ref.repository}/blobs/{desc.digest}",
@@ -397,3 +399,40 @@ class Client:
             ok=(200, 206),
             what=f"blob {ref.context}@{desc.digest}",
         )
+
+    # --- pushing (``_write``; the client is its Sender) ------------------------------
+
+    async def write(
+        self,
+        ref: str | Reference,
+        target: Image | ImageIndex,
+        *,
+        concurrency: int = 4,
+        stats: PushStats | None = None,
+    ) -> Hash:
+        """Push ``target`` (an image or a whole index) to ``ref``; the digest put.
+
+        Blobs go first (in parallel, ``concurrency`` at a time; skipped when
+        present, mounted when ``target`` was read from another repository of
+        the same registry), then child manifests, then the manifest ``ref``
+        names (its tag, or its digest).
+        """
+        r = Reference.parse(ref) if isinstance(ref, str) else ref
+        return await _write.write(self, r, target, concurrency=concurrency, stats=stats)
+
+    async def write_layer(self, repo: str | Reference, layer: Layer) -> None:
+        """Push one layer's compressed blob to ``repo`` (a repository; a tag is ignored)."""
+        r = Reference.parse(repo) if isinstance(repo, str) else repo
+        await _write.write_layer(self, r, layer)
+
+    async def tag(self, ref: str | Reference, new_tag: str) -> None:
+        """Tag the manifest ``ref`` names as ``new_tag`` in the same repository."""
+        r = Reference.parse(ref) if isinstance(ref, str) else ref
+        raw, media_type, _ = await self.fetch_manifest(r, r.identifier, r.digest)
+        await _write.Pusher(self, r).manifest(new_tag, raw, media_type)
+
+    async def delete(self, ref: str | Reference) -> None:
+        """Delete the manifest ``ref`` names (a tag is resolved to its digest first)."""
+        r = Reference.parse(ref) if isinstance(ref, str) else ref
+        digest = r.digest or (await self.fetch_manifest(r, r.identifier, None))[2]
+        await _write.delete(self, r, digest)

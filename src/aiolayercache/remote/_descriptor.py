@@ -20,11 +20,20 @@ from .._types import (
     is_image_type,
     is_index_type,
 )
+from .._wrap import ImageWrapper, IndexWrapper
 from ._errors import NET_ERRORS, TransportError, read_capped, redact
 from ._protocols import Fetcher
 from ._reference import Reference
 
-__all__ = ["MANIFEST_ACCEPT", "RemoteDescriptor", "manifest_media_type", "read_manifest"]
+__all__ = [
+    "MANIFEST_ACCEPT",
+    "RemoteDescriptor",
+    "SourcedImage",
+    "SourcedIndex",
+    "manifest_media_type",
+    "read_manifest",
+    "source_of",
+]
 
 MANIFEST_ACCEPT = ", ".join(
     [
@@ -80,6 +89,35 @@ async def read_manifest(
     return raw, manifest_media_type(raw, content_type, what), digest
 
 
+class SourcedImage(ImageWrapper):
+    """An image read from a registry, with where it came from (so a push to another
+    repository of that registry can mount its blobs instead of uploading them)."""
+
+    def __init__(self, inner: Image, source: Reference) -> None:
+        super().__init__(inner)
+        self.source = source
+
+
+class SourcedIndex(IndexWrapper):
+    """An index read from a registry, with where it came from."""
+
+    def __init__(self, inner: ImageIndex, source: Reference) -> None:
+        super().__init__(inner)
+        self.source = source
+
+
+def source_of(target: Image | ImageIndex) -> Reference | None:
+    """The registry repository ``target`` was read from, through any wrappers; or None."""
+    node: object = target
+    for _ in range(64):
+        if isinstance(node, SourcedImage | SourcedIndex):
+            return node.source
+        if not isinstance(node, ImageWrapper | IndexWrapper):
+            return None
+        node = node.inner
+    return None
+
+
 class RemoteDescriptor:
     """What ``get`` returns: a manifest's descriptor and raw bytes; becomes an image or index."""
 
@@ -120,19 +158,21 @@ class RemoteDescriptor:
     def index(self) -> ImageIndex:
         if not self.is_index:
             raise ManifestError(f"{self.ref} is an image ({self.media_type}), not an index")
-        return partial.index(
+        ii = partial.index(
             self.raw_manifest,
             self._fetch_manifest(),
             self._open_blob(),
             media_type=self.media_type,
         )
+        return SourcedIndex(ii, self.ref)
 
     async def image(self, *, platform: Platform | str | None = None) -> Image:
         if not self.is_index:
-            return partial.image(self.raw_manifest, self._open_blob(), media_type=self.media_type)
+            img = partial.image(self.raw_manifest, self._open_blob(), media_type=self.media_type)
+            return SourcedImage(img, self.ref)
         want = (
             Platform.from_string(platform)
             if isinstance(platform, str)
             else (platform or host_platform())
         )
-        return await image_for_platform(self.index(), want, str(self.ref))
+        return SourcedImage(await image_for_platform(self.index(), want, str(self.ref)), self.ref)

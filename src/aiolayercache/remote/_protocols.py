@@ -7,17 +7,18 @@ these protocols, not on the client, so no module imports back into
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 import aiohttp
 from anyio.abc import ByteReceiveStream
+from yarl import URL
 
 from .._hash import Hash
 from .._types import Descriptor
 from ._reference import Reference
 from ._retry import RetryPolicy
 
-__all__ = ["BlobSource", "Fetcher"]
+__all__ = ["BlobSource", "Fetcher", "Sender"]
 
 
 class BlobSource(Protocol):
@@ -47,5 +48,29 @@ class Fetcher(Protocol):
         """The raw manifest ``identifier`` (tag or digest) names, its media type and digest.
 
         Checked against ``expect`` when given.
+        """
+        ...
+
+
+class Sender(Protocol):
+    """Sends one registry API request with auth, retries and redirects (what a push needs)."""
+
+    async def request(
+        self,
+        ref: Reference,
+        method: str,
+        path: str | URL,
+        *,
+        headers: dict[str, str] | None = None,
+        ok: tuple[int, ...] = (200,),
+        what: str,
+        scope: str | None = None,
+        data: Any = None,
+        resend: bool = True,
+    ) -> aiohttp.ClientResponse:
+        """The response, whose status is in ``ok`` (else a typed error); the caller closes it.
+
+        ``path`` is a registry path or a URL the registry gave; ``scope`` the token
+        scope; ``resend=False`` for a streamed body (sent once, never retried).
         """
         ...
