@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ from aiolayercache.remote import (
 )
 
 from .conftest import USERS, Published
-from .registry import FaultProxy, Registry
+from .registry import FaultProxy, Registry, TokenServer, running_proxy
 
 pytestmark = pytest.mark.anyio
 
@@ -198,3 +199,96 @@ async def test_push_from_a_layout_keeps_digests(registry: Registry, tmp_path: Pa
     src = await layout.image(tmp_path / "l", "v1")
     async with Client() as c:
         assert await c.write(f"{registry.host}/push/fromlayout:v1", src) == await img.digest()
+
+
+async def test_push_with_bearer_tokens_asks_for_push_scope_and_survives_a_401_mid_upload(
+    token_registry: Registry, token_server: TokenServer
+) -> None:
+    """Token auth: the scope asked for includes push; a 401 on the streamed PATCH (a token
+    that expired mid-upload) cancels that session and the push completes in a new one."""
+    user, pw = next(iter(USERS.items()))
+    creds = Credentials(username=user, password=pw)
+    img = random.image(6 * 1024 * 1024, 1, seed=60)
+    with running_proxy(token_registry.host) as px:
+        challenge = {"WWW-Authenticate": f'Bearer realm="{token_server.realm}"'}
+        px.add("/blobs/uploads/", "status", (401, challenge, "UNAUTHORIZED"), method="PATCH")
+        ref = f"{px.address}/push/tokens:v1"
+        async with Client(credentials=creds, docker_config=False, retry=FAST) as c:
+            assert await c.write(ref, img) == await img.digest()
+            await validate.image(await c.image(ref))
+            scopes = [k[1] for k in c.tokens]
+        assert "repository:push/tokens:pull,push" in scopes
+        deletes = sum(n for k, n in px.stats.requests.items() if k.startswith("DELETE "))
+        assert deletes == 1, "the session the 401 cut short was cancelled"
+
+
+_BIG_PUSH_KID = r"""
+import hashlib, json, os, resource, sys, zlib
+import anyio
+from aiolayercache import Hash, partial
+from aiolayercache.remote import Client
+from aiolayercache.streams import BytesStream, FileStream
+
+path, ref, size = sys.argv[1], sys.argv[2], int(sys.argv[3])
+# A gzip member of stored (level 0) blocks: the blob is as big as the random bytes in it.
+diff, blob = hashlib.sha256(), hashlib.sha256()
+z = zlib.compressobj(0, zlib.DEFLATED, 31)
+with open(path, "wb") as f:
+    for _ in range(size // (1 << 20)):
+        chunk = os.urandom(1 << 20)
+        diff.update(chunk)
+        for part in (z.compress(chunk),):
+            blob.update(part)
+            f.write(part)
+    tail = z.flush()
+    blob.update(tail)
+    f.write(tail)
+layer_size = os.path.getsize(path)
+config = json.dumps({"architecture": "amd64", "os": "linux",
+    "rootfs": {"type": "layers", "diff_ids": ["sha256:" + diff.hexdigest()]}}).encode()
+manifest = json.dumps({"schemaVersion": 2,
+    "mediaType": "application/vnd.oci.image.manifest.v1+json",
+    "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+               "size": len(config), "digest": str(Hash.of(config))},
+    "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                "size": layer_size, "digest": "sha256:" + blob.hexdigest()}]}).encode()
+
+async def open_blob(desc):
+    if desc.size == len(config):
+        return BytesStream(config)
+    return await FileStream.open(path)
+
+async def main():
+    img = partial.image(manifest, open_blob)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    async with Client() as c:
+        await c.write(ref, img)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(f"RESULT {layer_size} {before} {peak}")
+
+anyio.run(main)
+"""
+
+
+def test_pushing_a_512_mib_layer_keeps_memory_flat(registry: Registry, tmp_path: Path) -> None:
+    """The layer streams from its file in one PATCH: peak RSS stays in the pull's budget
+    (docs/BENCHMARKS.md: a pull of 4 x 64 MiB peaks near 90 MiB)."""
+    kid = tmp_path / "kid.py"
+    kid.write_text(_BIG_PUSH_KID)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(kid),
+            str(tmp_path / "layer.gz"),
+            f"{registry.host}/push/big:v1",
+            str(512 << 20),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    size, before, peak = out.stdout.split("RESULT ")[1].split()
+    assert int(size) > 512 << 20
+    assert int(peak) < 100 * 1024, f"peak RSS {int(peak) // 1024} MiB (before the push: {before})"
