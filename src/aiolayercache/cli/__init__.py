@@ -1,8 +1,9 @@
-"""The ``aiolayercache`` command: pull images through the cache, and keep the cache.
+"""The ``aiolayercache`` command: pull images through the cache, copy them, keep the cache.
 
 ``main`` parses the arguments (``_args``) and runs a command: ``pull``
 (``_pull``, reading sources with ``_sources`` and showing progress with
-``_progress``) or ``cache`` (``_cache_cmd``). Only the parser is imported up
+``_progress``), ``copy`` and ``push`` (``_copy``, the same sources into a
+registry) or ``cache`` (``_cache_cmd``). Only the parser is imported up
 front, so ``aiolayercache --help`` loads argparse and the model, not aiohttp.
 """
 
@@ -31,7 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The one lazy import in the CLI, on purpose: the commands load the library,
     # aiohttp and rich (about three times what --help loads), so only a command
     # that runs pays for them; --help, --version and usage errors exit above.
-    from . import _cache_cmd, _progress, _pull
+    from . import _cache_cmd, _copy, _progress, _pull
 
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.WARNING,
@@ -40,14 +41,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     rep: _progress.Reporter | None = None
     # What DEST was, so an interrupt can say truly what it left (names only: cheap).
     before = _pull.dest_state(args.dest) if args.command == "pull" else None
+    copying = _copy.CopyState() if args.command in ("copy", "push") else None
     try:
-        if args.command == "pull":
-            quiet = args.quiet
-            mode = "quiet" if quiet else ("rich" if sys.stderr.isatty() else "plain")
-            rep = _progress.Reporter(mode)
-            code = anyio.run(_pull.pull, args, rep)
-        else:
+        if args.command == "cache":
             code = anyio.run(_cache_cmd.cache_command, args)
+        else:
+            mode = "quiet" if args.quiet else ("rich" if sys.stderr.isatty() else "plain")
+            if copying is not None:
+                rep = _progress.Reporter(mode, action="copy")
+                code = anyio.run(_copy.copy, args, rep, copying)
+            else:
+                rep = _progress.Reporter(mode)
+                code = anyio.run(_pull.pull, args, rep)
     except UsageError as exc:
         if rep is not None:
             rep.close()
@@ -55,7 +60,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         code = EXIT_INTERRUPTED
-        what = _pull.interrupted(args.dest, before) if before is not None else "nothing was changed"
+        if before is not None:
+            what = _pull.interrupted(args.dest, before)
+        elif copying is not None:
+            what = _copy.interrupted(args.dest, copying)
+        else:
+            what = "nothing was changed"
         print(f"aiolayercache: interrupted; {what}", file=sys.stderr)
     except Exception as exc:
         if rep is not None:
@@ -66,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = EXIT_FAILED
     if rep is not None:
         rep.close()
-        print(rep.summary())
+        print(_copy.summary(rep, copying) if copying is not None else rep.summary())
     return int(code)
 
 

@@ -79,12 +79,35 @@ def human(n: float) -> str:
     return f"{n:.1f} TiB"  # pragma: no cover
 
 
+def _push_options(p: argparse.ArgumentParser) -> None:
+    """The options copy and push share."""
+    plat = p.add_mutually_exclusive_group()
+    plat.add_argument(
+        "--platform",
+        type=parse_platform,
+        metavar="OS/ARCH[/VARIANT]",
+        help="which image of an index (default: this host); a single image of "
+        "another platform is an error",
+    )
+    plat.add_argument(
+        "--all-platforms", action="store_true", help="copy a whole index (every platform)"
+    )
+    p.add_argument(
+        "-j", "--jobs", type=int, default=4, metavar="N", help="blobs pushed at once (default 4)"
+    )
+    p.add_argument(
+        "--insecure", action="store_true", help="allow plain HTTP to non-loopback registries"
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress, only the summary")
+    p.add_argument("--debug", action="store_true", help="tracebacks and debug logs")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="aiolayercache",
         description=(
             "Pull OCI and Docker images through a verified, shared layer cache "
-            "(the format of crane --cache_path)."
+            "(the format of crane --cache_path), and copy them to registries."
         ),
         epilog="Run 'aiolayercache COMMAND --help' for a command's options.",
     )
@@ -150,6 +173,55 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pull.add_argument("-q", "--quiet", action="store_true", help="no progress, only the summary")
     pull.add_argument("--debug", action="store_true", help="tracebacks and debug logs")
+
+    copy = sub.add_parser(
+        "copy",
+        help="copy an image (or a whole index) to a registry, digests kept",
+        description=(
+            "Copy the image SRC names to the registry reference DST. SRC is anything pull "
+            "takes: a registry reference, oci:DIR[:REF] or docker-archive:FILE. Manifests "
+            "go up as they are (no conversion), so DST has SRC's digest. Blobs the "
+            "repository has are skipped, blobs of another repository of the same registry "
+            "are mounted, the rest are uploaded; the manifest DST names goes up last. A "
+            "registry SRC is read through the layer cache."
+        ),
+        epilog=(
+            "examples:\n"
+            "  aiolayercache copy alpine:3.20 registry.example:5000/mirror/alpine:3.20\n"
+            "  aiolayercache copy --all-platforms alpine:3.20 registry.example:5000/alpine:3.20\n"
+            "  aiolayercache copy oci:./images:app:v1 registry.example:5000/app:v1"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    copy.add_argument("source", metavar="SRC", help="the image to copy")
+    copy.add_argument("dest", metavar="DST", help="registry reference to copy it to")
+    where = copy.add_mutually_exclusive_group()
+    where.add_argument(
+        "--cache-dir", metavar="DIR", help="layer cache directory (default as for pull)"
+    )
+    where.add_argument("--no-cache", action="store_true", help="read SRC without the layer cache")
+    _push_options(copy)
+
+    push = sub.add_parser(
+        "push",
+        help="push a local OCI layout or docker archive to a registry (copy's short form)",
+        description=(
+            "Push the image in PATH to the registry reference REF: 'copy oci:DIR[:NAME] REF' "
+            "when PATH is a directory (an OCI layout; DIR:NAME picks one image by its ref "
+            "name), 'copy docker-archive:FILE REF' when it is a file. oci: and "
+            "docker-archive: sources are taken as they are."
+        ),
+        epilog=(
+            "examples:\n"
+            "  aiolayercache push ./images:app:v1 registry.example:5000/app:v1\n"
+            "  aiolayercache push app.tar registry.example:5000/app:v1"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    push.add_argument("source", metavar="PATH", help="OCI layout DIR[:NAME] or docker archive FILE")
+    push.add_argument("dest", metavar="REF", help="registry reference to push it to")
+    push.set_defaults(cache_dir=None, no_cache=True)
+    _push_options(push)
 
     cache = sub.add_parser(
         "cache",

@@ -1,8 +1,8 @@
 """Progress: the reporter, and the wrappers that tell it what goes by.
 
-:class:`ObservedImage` and :class:`ObservedIndex` wrap what a pull writes, so
-each layer stream it opens is counted: bytes fetched or read from the cache,
-shown as rich bars on a terminal or as log lines otherwise.
+:class:`ObservedImage` and :class:`ObservedIndex` wrap what a pull writes (or a
+copy pushes), so each layer stream it opens is counted: bytes fetched or read
+from the cache, shown as rich bars on a terminal or as log lines otherwise.
 """
 
 from __future__ import annotations
@@ -38,8 +38,9 @@ class Stats:
 class Reporter:
     """Progress: rich bars on a terminal, log lines otherwise, nothing when quiet."""
 
-    def __init__(self, mode: str) -> None:
+    def __init__(self, mode: str, action: str = "pull") -> None:
         self.mode = mode  # rich | plain | quiet
+        self.action = action  # pull | copy: what the layers streamed are for
         self.stats = Stats()
         self._progress: Any = None
         self._total: Any = None
@@ -84,7 +85,8 @@ class Reporter:
         if self.mode == "rich":
             t = self._progress.tasks[self._total].total or 0
             self._progress.update(self._total, total=t + size)
-            label = f"{digest[7:19]} {'[green]cached[/]' if cached else 'fetching'}"
+            doing = "pushing" if self.action == "copy" else "fetching"
+            label = f"{digest[7:19]} {'[green]cached[/]' if cached else doing}"
             self._tasks[digest] = self._progress.add_task(label, total=size)
         return True
 
@@ -104,11 +106,14 @@ class Reporter:
             task = self._tasks.pop(digest, None)
             if task is not None:
                 self._progress.remove_task(task)
-        self.log(f"layer {digest[:19]} {human(size)} {'from cache' if cached else 'fetched'}")
+        how = "from cache" if cached else "fetched"
+        if self.action == "copy":
+            how = f"pushed ({'read from the cache' if cached else 'read from the source'})"
+        self.log(f"layer {digest[:19]} {human(size)} {how}")
 
     def image_done(self, name: str, digest: Hash) -> None:
         self.stats.images += 1
-        self.log(f"pulled {name} ({digest})")
+        self.log(f"{'copied' if self.action == 'copy' else 'pulled'} {name} ({digest})")
 
     def close(self) -> None:
         if self._progress is not None:
