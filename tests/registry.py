@@ -59,8 +59,18 @@ class Registry:
             self.proc.wait(10)
 
 
-def start_registry(workdir: Path, data: Path, auth: dict[str, Any] | None = None) -> Registry:
-    """Start ``docker-registry serve`` on a free loopback port; wait for ``/v2/``."""
+def start_registry(
+    workdir: Path,
+    data: Path,
+    auth: dict[str, Any] | None = None,
+    *,
+    extra: dict[str, Any] | None = None,
+) -> Registry:
+    """Start ``docker-registry serve`` on a free loopback port; wait for ``/v2/``.
+
+    ``extra`` is merged into the config's top level (``proxy`` for a pull-through
+    mirror, ``http`` keys such as ``tls``).
+    """
     port = free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     config: dict[str, Any] = {
@@ -71,6 +81,11 @@ def start_registry(workdir: Path, data: Path, auth: dict[str, Any] | None = None
     }
     if auth:
         config["auth"] = auth
+    for key, value in (extra or {}).items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            config[key] = {**config[key], **value}
+        else:
+            config[key] = value
     cfg = workdir / "config.yml"
     cfg.write_text(json.dumps(config))  # JSON is YAML
     log = open(workdir / "registry.log", "wb")  # noqa: SIM115 - lives as long as the process
