@@ -18,6 +18,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
+import aiohttp
 import anyio
 from anyio.abc import ByteReceiveStream
 from yarl import URL
@@ -124,13 +125,13 @@ class Pusher:
                 return
         for attempt in range(UPLOAD_ATTEMPTS):
             if location is None:
-                location = await self._start()
+                location = await self.start_upload()
             try:
                 await self._upload(location, desc, open_)
                 return
             except (RemoteError, AioLayerCacheError, OSError) as exc:
                 with anyio.CancelScope(shield=True):
-                    await self._cancel(location)
+                    await self.cancel_upload(location)
                 location = None
                 if attempt + 1 >= UPLOAD_ATTEMPTS:
                     raise
@@ -139,7 +140,7 @@ class Pusher:
                 )
             except BaseException:
                 with anyio.CancelScope(shield=True):
-                    await self._cancel(location)
+                    await self.cancel_upload(location)
                 raise
 
     async def _exists(self, desc: Descriptor) -> bool:
@@ -173,7 +174,8 @@ class Pusher:
                 return None
             return self._location(resp.headers.get("Location"))
 
-    async def _start(self) -> URL:
+    async def start_upload(self) -> URL:
+        """Open an upload session (``POST``); its location."""
         resp = await self.client.request(
             self.repo,
             "POST",
@@ -193,8 +195,8 @@ class Pusher:
         except ValueError:
             raise RemoteError(f"{self.repo.context}: malformed upload Location") from None
 
-    async def _cancel(self, location: URL | None) -> None:
-        """Abandon an upload session; a registry that cannot is not an error."""
+    async def cancel_upload(self, location: URL | None) -> None:
+        """Abandon an upload session (``DELETE``); a registry that cannot is not an error."""
         if location is None:
             return
         try:
@@ -214,19 +216,8 @@ class Pusher:
     async def _upload(self, location: URL, desc: Descriptor, open_: Opener) -> None:
         h = desc.digest
         stream = VerifyingStream(await open_(), h, desc.size, what=f"blob {h}")
-        what = f"uploading blob {h} to {self.repo.context}"
         if desc.size <= MONOLITHIC_MAX:
-            data = await read_all(stream)
-            resp = await self.client.request(
-                self.repo,
-                "PUT",
-                _with_digest(location, h),
-                headers={"Content-Type": "application/octet-stream"},
-                data=data,
-                ok=(201, 204),
-                scope=self._scope,
-                what=what,
-            )
+            await self.finish_upload(location, h, await read_all(stream))
         else:
             sent = 0
 
@@ -237,35 +228,51 @@ class Pusher:
                         sent += len(chunk)
                         yield chunk
 
-            patched = await self.client.request(
-                self.repo,
-                "PATCH",
-                location,
-                headers={"Content-Type": "application/octet-stream"},
-                data=body(),
-                ok=(202, 204),
-                scope=self._scope,
-                what=what,
-                resend=False,
-            )
-            async with patched:
-                location = self._location(patched.headers.get("Location") or str(location))
+            location = await self.patch_upload(location, body())
             if sent != desc.size:
+                what = f"uploading blob {h} to {self.repo.context}"
                 raise RemoteError(f"{what}: sent {sent} of {desc.size} bytes")
-            resp = await self.client.request(
-                self.repo,
-                "PUT",
-                _with_digest(location, h),
-                ok=(201, 204),
-                scope=self._scope,
-                what=what,
-            )
+            await self.finish_upload(location, h)
+        self.stats.blobs_pushed += 1
+        self.stats.bytes_pushed += desc.size
+
+    async def patch_upload(self, location: URL, body: AsyncIterator[bytes]) -> URL:
+        """Send ``body`` as one streamed ``PATCH`` (never re-sent); the next location."""
+        patched = await self.client.request(
+            self.repo,
+            "PATCH",
+            location,
+            headers={"Content-Type": "application/octet-stream"},
+            data=body,
+            ok=(202, 204),
+            scope=self._scope,
+            what=f"uploading to {self.repo.context}",
+            resend=False,
+        )
+        async with patched:
+            return self._location(patched.headers.get("Location") or str(location))
+
+    async def finish_upload(self, location: URL, h: Hash, data: bytes | None = None) -> None:
+        """Close a session with ``PUT ?digest=`` (carrying ``data``, if any): the blob exists."""
+        what = f"uploading blob {h} to {self.repo.context}"
+        resp = await self.client.request(
+            self.repo,
+            "PUT",
+            _with_digest(location, h),
+            headers={"Content-Type": "application/octet-stream"} if data is not None else None,
+            data=data,
+            ok=(201, 204),
+            scope=self._scope,
+            what=what,
+        )
+        await self._check_stored(resp, h, what)
+
+    @staticmethod
+    async def _check_stored(resp: aiohttp.ClientResponse, h: Hash, what: str) -> None:
         async with resp:
             got = resp.headers.get("Docker-Content-Digest")
             if got and got != str(h):
                 raise RemoteError(f"{what}: the registry stored it as {got}")
-        self.stats.blobs_pushed += 1
-        self.stats.bytes_pushed += desc.size
 
     # --- manifests -------------------------------------------------------------------
 
