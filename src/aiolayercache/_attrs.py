@@ -50,3 +50,6 @@ class StreamAttribute(TypedAttributeSet):
     proven_file: ProvenFile = typed_attribute()
     #: True when the bytes come from a cache entry, False when from upstream
     from_cache: bool = typed_attribute()
+    #: the cache tier (a ``label``: "fleet", ...) the bytes come from, when a cache behind
+    #: the first one serves them; kept by the streams that fill faster tiers from them
+    tier: str = typed_attribute()

@@ -111,6 +111,7 @@ class VerifyingStream(ChunkStream):
         on_mismatch: Callable[[], Awaitable[None]] | None = None,
         proven_fd: int | None = None,
         from_cache: bool | None = None,
+        tier: str | None = None,
     ) -> None:
         super().__init__()
         self._inner = inner
@@ -139,6 +140,8 @@ class VerifyingStream(ChunkStream):
         self._attrs[StreamAttribute.verifies] = lambda: self.verifies
         if from_cache is not None:
             self._attrs[StreamAttribute.from_cache] = lambda: from_cache
+        if tier is not None:
+            self._attrs[StreamAttribute.tier] = lambda: tier
         if proven_fd is not None and size is not None:
             # A cache entry whose proof holds: a consumer may copy the open file whole,
             # hashing what lands; a mismatch condemns the entry as a mismatch here would.

@@ -10,8 +10,7 @@ however many tasks want it; :class:`MemoryCache` holds bytes in memory.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from dataclasses import dataclass, field
 
 import anyio
 from anyio.abc import ByteReceiveStream
@@ -28,47 +27,29 @@ from .._types import (
 from .._wrap import ImageWrapper, IndexWrapper, LayerWrapper
 from ..partial import ConfigLayer, _nested_depth
 from ..streams import drain, read_all
+from ._base import Cache, StoredSize
 from ._fs import EntryInfo, FilesystemCache, VerifyReport
 from ._memory import MemoryCache
+from ._tiered import Labelled, TieredCache, TierHit, tiered
 
 __all__ = [
     "Cache",
     "EntryInfo",
     "FilesystemCache",
+    "Labelled",
     "LayerNotFoundError",
     "MemoryCache",
     "PrefetchStats",
     "StoredSize",
+    "TierHit",
+    "TieredCache",
     "VerifyReport",
     "image",
     "image_index",
     "prefetch",
     "read_only",
+    "tiered",
 ]
-
-
-@runtime_checkable
-class Cache(Protocol):
-    """Where layers are kept. ``put`` may be lazy: use the layer it returns."""
-
-    async def put(self, layer: Layer) -> Layer: ...
-    async def get(self, h: Hash) -> Layer: ...
-    async def delete(self, h: Hash) -> None: ...
-
-
-@runtime_checkable
-class StoredSize(Protocol):
-    """A layer of a cache that knows how many bytes its entry holds, without reading it.
-
-    :func:`prefetch` counts a hit's bytes by it: for an uncompressed entry,
-    ``size()`` is the size of the gzip made of it on the fly, so asking would
-    compress the whole entry. A cache whose layers lack it is counted by
-    ``size()``.
-    """
-
-    async def stored_size(self) -> int:
-        """The bytes of the entry, as stored."""
-        ...
 
 
 class _LazyLayer(LayerWrapper):
@@ -254,6 +235,8 @@ class PrefetchStats:
     misses: int = 0
     bytes_fetched: int = 0
     bytes_from_cache: int = 0
+    #: hits by the tier that had them ("local", "fleet"), when ``c`` is :func:`tiered`
+    hits_by_tier: dict[str, int] = field(default_factory=dict)
 
 
 async def prefetch(
@@ -299,6 +282,15 @@ async def prefetch(
                 pass
             else:
                 stats.hits += 1
+                if isinstance(hit, TierHit):
+                    stats.hits_by_tier[hit.tier] = stats.hits_by_tier.get(hit.tier, 0) + 1
+                    if hit.promotes:
+                        # From a slower tier: read it through, so the faster ones fill.
+                        n = await drain(
+                            await (hit.uncompressed() if uncompressed else hit.compressed())
+                        )
+                        stats.bytes_from_cache += n
+                        return
                 size = await (hit.stored_size() if isinstance(hit, StoredSize) else hit.size())
                 stats.bytes_from_cache += size  # not `+= await`: that loses updates
                 return

@@ -68,6 +68,8 @@ class FilesystemCache:
     and checked, at first use; listing and pruning create nothing.
     """
 
+    label = "local"
+
     def __init__(
         self,
         path: str | os.PathLike[str],

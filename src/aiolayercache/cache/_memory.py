@@ -29,6 +29,8 @@ class _Entry:
 class MemoryCache:
     """Layers held as bytes, at most ``max_bytes`` in all; verified before they are kept."""
 
+    label = "memory"
+
     def __init__(self, max_bytes: int = 256 * 1024 * 1024) -> None:
         self.max_bytes = max_bytes
         self._entries: OrderedDict[Hash, _Entry] = OrderedDict()

@@ -1,0 +1,337 @@
+"""``RegistryCache``: a layer cache that lives in one repository of an OCI registry."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import anyio
+from anyio.abc import ByteReceiveStream
+from yarl import URL
+
+from .. import partial
+from .._errors import AioLayerCacheError, LayerNotFoundError
+from .._hash import Hash
+from .._protocols import Layer
+from .._types import Descriptor
+from .._wrap import LayerWrapper
+from ..remote import Client, TransportError, default_client
+from ..remote._errors import read_capped
+from ..remote._reference import Reference
+from ..remote._write import Pusher
+from ..streams import BytesStream, VerifyingStream
+from ._claims import Claims
+from ._entries import (
+    EMPTY,
+    EMPTY_DIGEST,
+    EMPTY_MEDIA_TYPE,
+    MANIFEST_TYPE,
+    EntryInfo,
+    entry_manifest,
+    entry_tag,
+    hash_of_tag,
+    kind_of,
+    parse_entry,
+)
+from ._upload import UploadSink
+
+__all__ = ["RegistryCache"]
+
+log = logging.getLogger("aiolayercache.fleet")
+
+# Entries smaller than this are fetched without a claim: a second fetch costs less.
+CLAIM_MIN = 1024 * 1024
+MAX_ENTRY_MANIFEST = 64 * 1024
+MAX_TAG_LIST = 64 * 1024 * 1024
+# What a fleet that cannot be read raises (a refused request, no answer, a malformed manifest).
+FLEET_ERRORS = (AioLayerCacheError, OSError, TimeoutError)
+
+Opener = Callable[[], Awaitable[ByteReceiveStream]]
+
+
+class RegistryCache:
+    """A :class:`~aiolayercache.cache.Cache` on one registry repository, shared by machines.
+
+    ``repo`` names the repository (``cache.example:5000/layer-cache``). An
+    entry is a blob of it named by its hash, kept alive by a manifest tagged
+    ``sha256-<hex>``. ``get`` finds the tag and returns a layer that streams
+    the blob, verified (a blob that fails its digest is condemned: its tag is
+    deleted, so the next read goes to the origin); ``put`` returns a layer
+    whose streams upload as the caller reads and tag the entry only after the
+    bytes verified. The fleet never fails a read that could go on: a registry
+    that cannot be read is a miss, one that cannot take a write is counted in
+    ``write_errors`` (one warning), and after a transport failure the fleet is
+    skipped for ``down_for`` seconds. With ``claims`` (default), machines
+    that miss the same entry at once wait for the one that claimed it instead
+    of all fetching it from the origin (see ``_claims``).
+    """
+
+    label = "fleet"
+
+    def __init__(
+        self,
+        repo: str | Reference,
+        *,
+        client: Client | None = None,
+        claims: bool = True,
+        lease: float = 30.0,
+        stall_timeout: float = 10.0,
+        commit_timeout: float = 60.0,
+        down_for: float = 30.0,
+    ) -> None:
+        self.repo = Reference.parse(repo) if isinstance(repo, str) else repo
+        self._client = client
+        self.claims = Claims(self, lease) if claims else None
+        self.stall_timeout = stall_timeout
+        self.commit_timeout = commit_timeout
+        self.down_for = down_for
+        self.write_errors = 0
+        self.read_errors = 0
+        self._down_until = 0.0
+        self._warned: set[str] = set()
+        self._empty_ready = False
+        self._empty_lock = anyio.Lock()
+
+    def __repr__(self) -> str:
+        return f"RegistryCache({self.repo.registry}/{self.repo.repository})"
+
+    async def client(self) -> Client:
+        if self._client is None:
+            self._client = await default_client()
+        return self._client
+
+    # --- warnings and the fleet's health ----------------------------------------------
+
+    def _warn_once(self, kind: str, msg: str) -> None:
+        if kind in self._warned:
+            log.debug("%s", msg)
+        else:
+            self._warned.add(kind)
+            log.warning("%s", msg)
+
+    def _unreadable(self, exc: BaseException) -> None:
+        self.read_errors += 1
+        if isinstance(exc, (OSError, TimeoutError, TransportError)):
+            self._down_until = time.monotonic() + self.down_for
+        self._warn_once("read", f"fleet {self!r} cannot be read ({exc}); going on without it")
+
+    def write_failed(self, h: Hash, exc: BaseException) -> None:
+        self.write_errors += 1
+        self._warn_once("write", f"fleet {self!r} did not take {h} ({exc}); going on without it")
+
+    @property
+    def down(self) -> bool:
+        return time.monotonic() < self._down_until
+
+    # --- the repository (the Manifests protocol of claims) ------------------------------
+
+    async def pusher(self) -> Pusher:
+        return Pusher(await self.client(), self.repo)
+
+    async def read_tag(self, tag: str) -> bytes | None:
+        c = await self.client()
+        resp = await c.request(
+            self.repo,
+            "GET",
+            f"/v2/{self.repo.repository}/manifests/{tag}",
+            headers={"Accept": MANIFEST_TYPE},
+            ok=(200, 404),
+            what=f"fleet tag {tag} in {self.repo.context}",
+        )
+        async with resp:
+            if resp.status == 404:
+                return None
+            return await read_capped(resp, MAX_ENTRY_MANIFEST, f"fleet tag {tag}")
+
+    async def put_tag(self, tag: str, raw: bytes) -> Hash:
+        await self._ensure_empty()
+        await (await self.pusher()).manifest(tag, raw, MANIFEST_TYPE)
+        return Hash.of(raw)
+
+    async def delete_manifest(self, digest: Hash) -> None:
+        c = await self.client()
+        resp = await c.request(
+            self.repo,
+            "DELETE",
+            f"/v2/{self.repo.repository}/manifests/{digest}",
+            ok=(200, 202, 404),
+            scope=f"repository:{self.repo.repository}:delete",
+            what=f"deleting fleet manifest {digest} from {self.repo.context}",
+        )
+        resp.release()
+
+    async def _ensure_empty(self) -> None:
+        # The entry manifests' config ({}): a blob of the repository, put once.
+        async with self._empty_lock:
+            if self._empty_ready:
+                return
+            desc = Descriptor(media_type=EMPTY_MEDIA_TYPE, size=len(EMPTY), digest=EMPTY_DIGEST)
+
+            async def empty() -> ByteReceiveStream:
+                return BytesStream(EMPTY)
+
+            await (await self.pusher()).blob(desc, empty)
+            self._empty_ready = True
+
+    async def tag_entry(self, h: Hash, size: int, media_type: str, kind: str) -> None:
+        await self.put_tag(entry_tag(h), entry_manifest(h, size, media_type, kind))
+
+    async def lookup(self, h: Hash) -> EntryInfo | None:
+        raw = await self.read_tag(entry_tag(h))
+        if raw is None:
+            return None
+        return parse_entry(raw, h, f"fleet entry {entry_tag(h)} in {self.repo.context}")
+
+    # --- the Cache protocol ---------------------------------------------------------------
+
+    async def get(self, h: Hash) -> Layer:
+        """The entry ``h`` as a layer streaming from the registry; ``LayerNotFoundError``
+        when the repository has no such entry, or cannot be read."""
+        info: EntryInfo | None = None
+        if not self.down:
+            try:
+                info = await self.lookup(h)
+            except FLEET_ERRORS as exc:  # unreachable, refused, or a malformed entry manifest
+                self._unreadable(exc)
+        if info is None:
+            raise LayerNotFoundError(f"{h} is not in {self!r}")
+        return self._layer(info)
+
+    def _layer(self, info: EntryInfo) -> Layer:
+        desc = Descriptor(media_type=info.media_type, size=info.size, digest=info.digest)
+
+        async def opener() -> ByteReceiveStream:
+            return await self._open(desc)
+
+        if info.kind == "uncompressed":
+            return partial.uncompressed_layer(
+                opener, diff_id=info.digest, media_type=info.media_type
+            )
+        return partial.compressed_layer(
+            opener, digest=info.digest, size=info.size, media_type=info.media_type
+        )
+
+    async def _open(self, desc: Descriptor) -> ByteReceiveStream:
+        c = await self.client()
+        h = desc.digest
+
+        async def condemn() -> None:
+            # Bytes that fail their digest: the tag goes, so the next read misses and
+            # fetches from the origin (the registry keeps its blob until it is collected).
+            self._warn_once("corrupt", f"fleet {self!r}: entry {h} failed its digest; dropped")
+            with anyio.move_on_after(self.stall_timeout):
+                try:
+                    raw = await self.read_tag(entry_tag(h))
+                    if raw is not None:
+                        await self.delete_manifest(Hash.of(raw))
+                except FLEET_ERRORS as exc:
+                    log.debug("fleet %r: dropping %s: %s", self, h, exc)
+
+        inner = await c.open_blob(self.repo, desc)
+        return VerifyingStream(
+            inner,
+            h,
+            desc.size,
+            what=f"fleet entry {self.repo.context}@{h}",
+            on_mismatch=condemn,
+            from_cache=True,
+            tier=self.label,
+        )
+
+    async def put(self, layer: Layer) -> Layer:
+        """A layer whose streams upload to the fleet as they are read (lazily)."""
+        return _FleetTee(self, layer)
+
+    async def delete(self, h: Hash) -> None:
+        """Delete the manifest that keeps entry ``h``; ``LayerNotFoundError`` if none does."""
+        raw = await self.read_tag(entry_tag(h))
+        if raw is None:
+            raise LayerNotFoundError(f"{h} is not in {self!r}")
+        await self.delete_manifest(Hash.of(raw))
+
+    async def entries(self) -> list[Hash]:
+        """The hashes of the entries the repository holds (from its tags)."""
+        c = await self.client()
+        found: list[Hash] = []
+        path: str | URL | None = f"/v2/{self.repo.repository}/tags/list"
+        while path is not None:
+            resp = await c.request(
+                self.repo, "GET", path, ok=(200, 404), what=f"tags of {self.repo.context}"
+            )
+            async with resp:
+                if resp.status == 404:
+                    return found
+                doc = json.loads(await read_capped(resp, MAX_TAG_LIST, f"tags of {self!r}"))
+                nxt = resp.links.get("next")
+            tags = doc.get("tags") if isinstance(doc, dict) else None
+            for tag in tags if isinstance(tags, list) else []:
+                h = hash_of_tag(str(tag))
+                if h is not None:
+                    found.append(h)
+            path = URL(str(nxt["url"])) if nxt and "url" in nxt else None
+        return found
+
+    async def fill(
+        self, h: Hash, size: int | None, media_type: str, kind: str, upstream: Opener
+    ) -> ByteReceiveStream:
+        """A stream of ``upstream`` that uploads to entry ``h`` as it is read."""
+        if self.down:
+            return await upstream()
+        release = None
+        if self.claims is not None and (size is None or size >= CLAIM_MIN):
+            try:
+                got = await self.claims.claim_or_wait(h, size)
+            except FLEET_ERRORS as exc:
+                self._unreadable(exc)
+                return await upstream()
+            if isinstance(got, EntryInfo):
+                try:
+                    return await self._open(
+                        Descriptor(media_type=got.media_type, size=got.size, digest=h)
+                    )
+                except FLEET_ERRORS as exc:
+                    self._unreadable(exc)
+                    return await upstream()
+            if got is not None:
+                claimed, claims = got, self.claims
+
+                async def release_claim() -> None:
+                    with anyio.move_on_after(self.stall_timeout):
+                        try:
+                            await claims.release(claimed)
+                        except FLEET_ERRORS as exc:
+                            log.debug("fleet %r: releasing claim on %s: %s", self, h, exc)
+
+                release = release_claim
+        try:
+            inner = await upstream()
+        except BaseException:
+            if release is not None:
+                with anyio.CancelScope(shield=True):
+                    await release()
+            raise
+        sink = UploadSink(self, h, size, media_type, kind, settled=release)
+        return VerifyingStream(inner, h, size, what=str(h), sinks=[sink])
+
+
+class _FleetTee(LayerWrapper):
+    """What ``RegistryCache.put`` returns: streams that fill the fleet as they are read."""
+
+    def __init__(self, fleet: RegistryCache, inner: Layer) -> None:
+        super().__init__(inner)
+        self._fleet = fleet
+
+    def __repr__(self) -> str:
+        return f"<{self._inner!r} filling {self._fleet!r}>"
+
+    async def compressed(self) -> ByteReceiveStream:
+        h, size, mt = await self._inner.digest(), await self._inner.size(), await self.media_type()
+        return await self._fleet.fill(
+            h, size, str(mt), kind_of(str(mt), False), self._inner.compressed
+        )
+
+    async def uncompressed(self) -> ByteReceiveStream:
+        h, mt = await self._inner.diff_id(), await self.media_type()
+        return await self._fleet.fill(h, None, str(mt), "uncompressed", self._inner.uncompressed)

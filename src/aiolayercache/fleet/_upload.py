@@ -1,0 +1,180 @@
+"""A sink that tees a verified stream into one upload session of the fleet repository.
+
+The caller's read drives it: each chunk goes into a small queue that a
+streamed ``PATCH`` drains (a blob up to 4 MiB is sent in one ``PUT`` at the
+end instead). Only after the stream verified (``commit``) is the session
+closed with ``PUT ?digest=`` and the entry's manifest tagged, so the fleet
+never names bytes that were not proven. A fleet that fails or stalls never
+fails the read: the upload is cancelled (``DELETE``), the failure counted
+and warned about once, and the bytes go on to the caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Protocol
+
+import anyio
+from yarl import URL
+
+from .._errors import AioLayerCacheError
+from .._hash import Hash
+from ..remote._write import MONOLITHIC_MAX, Pusher
+
+__all__ = ["UPLOAD_ERRORS", "Uploads", "UploadSink"]
+
+# Chunks (about 1 MiB each) queued for the PATCH before a write waits for the fleet.
+QUEUE_CHUNKS = 4
+# What a failed fleet write raises; anything else is a bug and propagates.
+UPLOAD_ERRORS = (AioLayerCacheError, OSError, TimeoutError, anyio.BrokenResourceError)
+
+
+class Uploads(Protocol):
+    """What an upload asks of the fleet cache that started it."""
+
+    stall_timeout: float
+    commit_timeout: float
+
+    async def pusher(self) -> Pusher: ...
+
+    async def tag_entry(self, h: Hash, size: int, media_type: str, kind: str) -> None:
+        """Put the manifest that names entry ``h`` (its blob is in the repository)."""
+        ...
+
+    def write_failed(self, h: Hash, exc: BaseException) -> None:
+        """Count a failed write (and warn about the first)."""
+        ...
+
+
+class UploadSink:
+    """One entry's upload: ``write`` as the caller reads, ``commit`` once verified."""
+
+    def __init__(
+        self,
+        owner: Uploads,
+        h: Hash,
+        size: int | None,
+        media_type: str,
+        kind: str,
+        *,
+        settled: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self._owner = owner
+        self._h = h
+        self._media_type = media_type
+        self._kind = kind
+        self._settled = settled
+        self._small = size is not None and size <= MONOLITHIC_MAX
+        self._parts: list[bytes] = []
+        self._count = 0
+        self._send, self._recv = anyio.create_memory_object_stream[bytes](QUEUE_CHUNKS)
+        self._task: asyncio.Task[URL] | None = None
+        self._location: URL | None = None
+        self._pusher: Pusher | None = None
+        self._done = False
+
+    async def write(self, chunk: bytes) -> None:
+        if self._done:
+            return
+        self._count += len(chunk)
+        if self._small:
+            self._parts.append(chunk)
+            return
+        if self._task is None:
+            self._pusher = await self._owner.pusher()
+            self._task = asyncio.create_task(self._patch(self._pusher))
+        try:
+            with anyio.fail_after(self._owner.stall_timeout):
+                await self._send.send(chunk)
+        except TimeoutError:
+            await self._fail(TimeoutError(f"the fleet took no bytes for {self._stall()}"))
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            await self._fail(await self._task_error())
+
+    def _stall(self) -> str:
+        return f"{self._owner.stall_timeout:g} s"
+
+    async def _patch(self, pusher: Pusher) -> URL:
+        try:
+            self._location = await pusher.start_upload()
+
+            async def body() -> AsyncIterator[bytes]:
+                async for chunk in self._recv:
+                    yield chunk
+
+            return await pusher.patch_upload(self._location, body())
+        finally:
+            self._recv.close()  # a write waiting on a dead upload wakes up
+
+    async def _task_error(self) -> BaseException:
+        task = self._task
+        if task is None:
+            return RuntimeError("upload never started")
+        with contextlib.suppress(BaseException):
+            await task
+        if task.cancelled():
+            return RuntimeError("upload cancelled")
+        exc = task.exception()
+        return exc if exc is not None else RuntimeError("upload ended early")
+
+    async def commit(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        try:
+            with anyio.fail_after(self._owner.commit_timeout):
+                pusher = self._pusher = self._pusher or await self._owner.pusher()
+                if self._task is None:
+                    self._location = await pusher.start_upload()
+                    await pusher.finish_upload(self._location, self._h, b"".join(self._parts))
+                else:
+                    self._send.close()
+                    location = await self._task
+                    await pusher.finish_upload(location, self._h)
+                self._location = None
+                self._parts = []
+                await self._owner.tag_entry(self._h, self._count, self._media_type, self._kind)
+        except UPLOAD_ERRORS as exc:
+            await self._cleanup()
+            self._owner.write_failed(self._h, exc)
+        finally:
+            await self._release()
+
+    async def abort(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        await self._cleanup()
+        await self._release()
+
+    async def _fail(self, exc: BaseException) -> None:
+        self._done = True
+        await self._cleanup()
+        await self._release()
+        self._owner.write_failed(self._h, exc)
+
+    async def _cleanup(self) -> None:
+        """Stop the upload and cancel its session; never raises."""
+        self._parts = []
+        self._send.close()
+        with anyio.CancelScope(shield=True):
+            task = self._task
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+            location, self._location = self._location, None
+            if location is not None and self._pusher is not None:
+                with (
+                    anyio.move_on_after(self._owner.stall_timeout),
+                    contextlib.suppress(*UPLOAD_ERRORS),
+                ):
+                    await self._pusher.cancel_upload(location)
+
+    async def _release(self) -> None:
+        settled, self._settled = self._settled, None
+        if settled is not None:
+            with anyio.CancelScope(shield=True):
+                await settled()

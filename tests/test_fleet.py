@@ -1,0 +1,215 @@
+"""The fleet tier: RegistryCache on a real registry, tiered caches, machines sharing it.
+
+Three real registries play the parts: the session's origin (with the test
+images), a fleet store (its own ``docker-registry`` and storage), and fault
+proxies in front of either to count what each served or to break it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from aiolayercache import Hash, LayerNotFoundError, cache, layout, random, validate
+from aiolayercache._types import Descriptor, MediaType
+from aiolayercache.cache import MemoryCache, tiered
+from aiolayercache.fleet import RegistryCache
+from aiolayercache.partial import ConfigLayer
+from aiolayercache.remote import Client
+from aiolayercache.streams import read_all
+
+from .conftest import Published, _need_registry
+from .registry import REGISTRY_BIN, FaultProxy, Registry, running_proxy, start_registry
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[Registry]:
+    _need_registry()
+    reg = start_registry(tmp_path / "fleet-work", tmp_path / "fleet-data")
+    yield reg
+    reg.stop()
+
+
+@pytest.fixture
+def origin(registry: Registry, published: Published) -> Iterator[FaultProxy]:
+    with running_proxy(registry.host) as px:
+        yield px
+
+
+def blob_gets(px: FaultProxy) -> dict[str, int]:
+    """Blob GETs the proxy forwarded, by path."""
+    return {k: n for k, n in px.stats.requests.items() if k.startswith("GET ") and "/blobs/" in k}
+
+
+def blob_data(reg: Registry, h: Hash) -> Path:
+    return reg.root / "docker/registry/v2/blobs" / h.algorithm / h.hex[:2] / h.hex / "data"
+
+
+async def test_round_trips_compressed_uncompressed_and_config_entries(fleet: Registry) -> None:
+    layer = random.layer(3 * 1024 * 1024 + 17, seed=41)
+    raw_config = json.dumps({"architecture": "amd64", "os": "linux", "x": 1}).encode()
+    cdesc = Descriptor(
+        media_type=MediaType.DOCKER_CONFIG_JSON, size=len(raw_config), digest=Hash.of(raw_config)
+    )
+
+    async def config() -> bytes:
+        return raw_config
+
+    async with Client() as client:
+        f = RegistryCache(f"{fleet.host}/layer-cache", client=client)
+        digest, diff_id = await layer.digest(), await layer.diff_id()
+        for h in (digest, diff_id, cdesc.digest):
+            with pytest.raises(LayerNotFoundError):
+                await f.get(h)
+        want_c = await read_all(await layer.compressed())
+        want_u = await read_all(await layer.uncompressed())
+        assert await read_all(await (await f.put(layer)).compressed()) == want_c
+        assert await read_all(await (await f.put(layer)).uncompressed()) == want_u
+        put_cfg = await f.put(ConfigLayer(config, cdesc))
+        assert await read_all(await put_cfg.compressed()) == raw_config
+        assert f.write_errors == 0
+
+        # Another process's view: a new RegistryCache, a new client.
+        async with Client() as other:
+            g = RegistryCache(f"{fleet.host}/layer-cache", client=other)
+            hit = await g.get(digest)
+            assert await hit.media_type() == await layer.media_type()
+            assert await read_all(await hit.compressed()) == want_c
+            assert await read_all(await (await g.get(diff_id)).uncompressed()) == want_u
+            assert await read_all(await (await g.get(cdesc.digest)).compressed()) == raw_config
+            assert set(await g.entries()) == {digest, diff_id, cdesc.digest}
+            await g.delete(diff_id)
+            with pytest.raises(LayerNotFoundError):
+                await g.get(diff_id)
+            with pytest.raises(LayerNotFoundError):
+                await g.delete(diff_id)
+            assert set(await g.entries()) == {digest, cdesc.digest}
+
+
+def gc(reg: Registry) -> str:
+    cfg = reg.root.parent / "fleet-work" / "config.yml"
+    out = subprocess.run(
+        [REGISTRY_BIN, "garbage-collect", str(cfg)], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout + out.stderr
+
+
+async def test_entries_survive_garbage_collection(fleet: Registry, tmp_path: Path) -> None:
+    kept = random.layer(600 * 1024, seed=42)
+    dropped = random.layer(500 * 1024, seed=43)
+    async with Client() as client:
+        f = RegistryCache(f"{fleet.host}/layer-cache", client=client)
+        for x in (kept, dropped):
+            await read_all(await (await f.put(x)).compressed())
+        await f.delete(await dropped.digest())
+    fleet.stop()
+    gc(fleet)
+    assert blob_data(fleet, await kept.digest()).exists()
+    assert not blob_data(fleet, await dropped.digest()).exists()  # GC ran for real
+    again = start_registry(tmp_path / "fleet-work", fleet.root)
+    try:
+        async with Client() as client:
+            f = RegistryCache(f"{again.host}/layer-cache", client=client)
+            got = await read_all(await (await f.get(await kept.digest())).compressed())
+            assert got == await read_all(await kept.compressed())
+    finally:
+        again.stop()
+
+
+async def pull_into(dest: Path, ref: str, c: cache.Cache, client: Client) -> None:
+    img = cache.image(await client.image(ref), c)
+    await layout.write(dest, img)
+
+
+async def test_corrupt_fleet_blob_is_never_served_and_the_origin_is_used(
+    fleet: Registry, origin: FaultProxy, published: Published, tmp_path: Path
+) -> None:
+    ref = f"{origin.address}/test/big:v1"
+    async with Client() as client:
+        f = RegistryCache(f"{fleet.host}/layer-cache", client=client)
+        await pull_into(tmp_path / "a", ref, tiered(MemoryCache(), f), client)
+        victim = (await published.big.manifest()).layers[0].digest
+        data = blob_data(fleet, victim)
+        raw = bytearray(data.read_bytes())
+        raw[len(raw) // 2] ^= 0x01
+        st = data.stat()
+        data.write_bytes(raw)
+        os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns))  # bit rot keeps the mtime
+
+        # Read alone: never a clean end on the bad bytes, and the entry is dropped.
+        with pytest.raises(Exception) as err:
+            await read_all(await (await f.get(victim)).compressed())
+        assert "DigestMismatch" in type(err.value).__name__
+        with pytest.raises(LayerNotFoundError):
+            await f.get(victim)
+
+    # Rot it again (the pull above re-tags it), then pull on a fresh machine: the pull
+    # succeeds with the right bytes, taking the rotted layer from the origin.
+    async with Client() as client:
+        f = RegistryCache(f"{fleet.host}/layer-cache", client=client)
+        await read_all(
+            await (await f.put(await published.big.layer_by_digest(victim))).compressed()
+        )
+        origin.reset()
+        await pull_into(tmp_path / "b", ref, tiered(MemoryCache(), f), client)
+        assert f"GET /v2/test/big/blobs/{victim}" in blob_gets(origin)
+        await validate.image(await layout.image(tmp_path / "b"))
+
+
+async def test_two_machines_share_the_fleet_and_the_origin_serves_each_blob_once(
+    fleet: Registry, origin: FaultProxy, published: Published, tmp_path: Path
+) -> None:
+    script = textwrap.dedent(
+        """
+        import sys, anyio
+        from aiolayercache import cache, layout
+        from aiolayercache.cache import FilesystemCache, tiered
+        from aiolayercache.fleet import RegistryCache
+        from aiolayercache.remote import Client
+
+        async def main(cache_dir, fleet_repo, dest, *refs):
+            async with Client() as client:
+                c = tiered(FilesystemCache(cache_dir), RegistryCache(fleet_repo, client=client))
+                imgs = [(cache.image(await client.image(r), c), r.rsplit("/", 1)[1]) for r in refs]
+                await layout.write_all(dest, imgs)
+
+        anyio.run(main, *sys.argv[1:])
+        """
+    )
+    refs = [f"{origin.address}/test/big:v1", f"{origin.address}/test/small:v1"]
+    for machine in ("m1", "m2"):
+        if machine == "m2":
+            origin.reset()
+        subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                script,
+                str(tmp_path / machine / "cache"),
+                f"{fleet.host}/layer-cache",
+                str(tmp_path / machine / "out"),
+                *refs,
+            ],
+            check=True,
+            timeout=120,
+        )
+        served = blob_gets(origin)
+        if machine == "m1":
+            assert served and all(n == 1 for n in served.values()), served
+            unique = set(served)
+        else:
+            assert served == {}, served  # every blob (and config) came from the fleet
+    assert len(unique) == 5 + 2  # the layers and the configs of both images
+    for machine in ("m1", "m2"):
+        entries = list((tmp_path / machine / "cache").rglob("sha256:*"))
+        assert len(entries) >= 7  # the local cache filled on both machines
