@@ -15,18 +15,26 @@ import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
+import anyio
 import pytest
 
 from aiolayercache import Hash, LayerNotFoundError, cache, layout, random, validate
 from aiolayercache._types import Descriptor, MediaType
-from aiolayercache.cache import MemoryCache, tiered
+from aiolayercache.cache import FilesystemCache, MemoryCache, TierHit, tiered
 from aiolayercache.fleet import RegistryCache
 from aiolayercache.partial import ConfigLayer
 from aiolayercache.remote import Client
 from aiolayercache.streams import read_all
 
 from .conftest import Published, _need_registry
-from .registry import REGISTRY_BIN, FaultProxy, Registry, running_proxy, start_registry
+from .registry import (
+    REGISTRY_BIN,
+    FaultProxy,
+    Registry,
+    free_port,
+    running_proxy,
+    start_registry,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -213,3 +221,160 @@ async def test_two_machines_share_the_fleet_and_the_origin_serves_each_blob_once
     for machine in ("m1", "m2"):
         entries = list((tmp_path / machine / "cache").rglob("sha256:*"))
         assert len(entries) >= 7  # the local cache filled on both machines
+
+
+def local_entries(d: Path) -> set[str]:
+    return {p.name for p in d.rglob("sha256:*") if p.is_file() and "." not in p.name}
+
+
+async def pull_checked(
+    tmp_path: Path, name: str, ref: str, f: RegistryCache, client: Client, published: Published
+) -> set[str]:
+    """Pull ``ref`` through tiered(local, f) into a layout; the local entries it left."""
+    local = FilesystemCache(tmp_path / f"{name}-cache")
+    with anyio.fail_after(60):
+        await pull_into(tmp_path / f"{name}-out", ref, tiered(local, f), client)
+    await validate.image(await layout.image(tmp_path / f"{name}-out"))
+    return local_entries(tmp_path / f"{name}-cache")
+
+
+def fleet_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "aiolayercache.fleet" and r.levelname == "WARNING"
+    ]
+
+
+async def test_a_read_only_fleet_never_fails_a_pull(
+    fleet: Registry,
+    origin: FaultProxy,
+    published: Published,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    m = await published.big.manifest()
+    want = {f"{d.digest}" for d in [*m.layers, m.config]}
+    with running_proxy(fleet.host) as fpx:
+        # Pushing is refused (403 DENIED), as for a robot account with pull rights only.
+        for method in ("POST", "PUT", "PATCH"):
+            fpx.add("/v2/", "status", (403, {}, "DENIED"), times=10_000, method=method)
+        async with Client() as client:
+            f = RegistryCache(f"{fpx.address}/layer-cache", client=client)
+            got = await pull_checked(
+                tmp_path, "ro", f"{origin.address}/test/big:v1", f, client, published
+            )
+        assert want <= got  # the local cache still filled
+        assert f.write_errors >= 1
+        assert len(fleet_warnings(caplog)) == 1, fleet_warnings(caplog)
+        assert "403" in fleet_warnings(caplog)[0] or "DENIED" in fleet_warnings(caplog)[0]
+        # Refused once, the fleet is not asked to take writes again for a while.
+        writes = sum(n for k, n in fpx.stats.requests.items() if not k.startswith(("GET", "HEAD")))
+        assert writes <= 3, fpx.stats.requests
+
+
+async def test_a_fleet_that_is_down_never_fails_a_pull(
+    origin: FaultProxy, published: Published, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from aiolayercache.remote import RetryPolicy
+
+    dead = f"127.0.0.1:{free_port()}/layer-cache"  # nothing listens there
+    async with Client(retry=RetryPolicy(attempts=2, backoff=0.01)) as client:
+        f = RegistryCache(dead, client=client)
+        got = await pull_checked(
+            tmp_path, "down", f"{origin.address}/test/big:v1", f, client, published
+        )
+    assert len(got) == 3  # two layers and the config
+    assert f.read_errors >= 1 and f.down
+    assert len([w for w in fleet_warnings(caplog) if "cannot be read" in w]) == 1
+
+
+async def test_a_slow_fleet_is_given_up_and_the_pull_goes_on(
+    fleet: Registry, origin: FaultProxy, published: Published, tmp_path: Path
+) -> None:
+    with running_proxy(fleet.host) as fpx:
+        # Uploads hang (the registry takes no bytes): the read must not wait on them.
+        fpx.add("/blobs/uploads/", "delay", 30, times=10_000, method=None)
+        async with Client() as client:
+            f = RegistryCache(
+                f"{fpx.address}/layer-cache",
+                client=client,
+                claims=False,
+                stall_timeout=0.5,
+                commit_timeout=1.0,
+            )
+            got = await pull_checked(
+                tmp_path, "slow", f"{origin.address}/test/big:v1", f, client, published
+            )
+        assert len(got) == 3
+        assert f.write_errors >= 1
+        # Nothing was tagged: the fleet names no entry whose upload did not finish.
+        assert not [k for k in fpx.stats.requests if k.startswith("PUT ") and "/manifests/" in k]
+
+
+async def test_an_abandoned_read_cancels_the_upload_and_tags_nothing(fleet: Registry) -> None:
+    layer = random.layer(6 * 1024 * 1024, seed=44)
+    with running_proxy(fleet.host) as fpx:
+        async with Client() as client:
+            f = RegistryCache(f"{fpx.address}/layer-cache", client=client, claims=False)
+            stream = await (await f.put(layer)).compressed()
+            await stream.receive()
+            await stream.receive()
+            await stream.aclose()
+            with pytest.raises(LayerNotFoundError):
+                await f.get(await layer.digest())
+        deletes = [k for k in fpx.stats.requests if k.startswith("DELETE ") and "/uploads/" in k]
+        assert deletes, fpx.stats.requests  # the session was cancelled
+        assert not [k for k in fpx.stats.requests if k.startswith("PUT ")]
+    assert f.write_errors == 0  # an abandoned read is not a fleet failure
+
+
+async def test_machines_missing_at_once_fetch_from_the_origin_once(
+    fleet: Registry, registry: Registry, tmp_path: Path
+) -> None:
+    from .registry import push_image
+
+    img = random.image(4 * 1024 * 1024, 2, seed=45)
+    await push_image(registry.host, "test/claims", "v1", img)
+    with running_proxy(registry.host) as origin:
+        # A far origin: every blob answer waits, so the machines overlap.
+        origin.add("/blobs/", "stall", 0.3, times=10_000)
+        async with Client() as client:
+            machines = [
+                tiered(MemoryCache(), RegistryCache(f"{fleet.host}/layer-cache", client=client))
+                for _ in range(3)
+            ]
+            ref = f"{origin.address}/test/claims:v1"
+            async with anyio.create_task_group() as tg:
+                for i, c in enumerate(machines):
+                    tg.start_soon(pull_into, tmp_path / f"m{i}", ref, c, client)
+        for i in range(3):
+            await validate.image(await layout.image(tmp_path / f"m{i}"))
+        layers = [str(d.digest) for d in (await img.manifest()).layers]
+        served = blob_gets(origin)
+        fetched = [served.get(f"GET /v2/test/claims/blobs/{d}", 0) for d in layers]
+    # Without claims each machine fetches each layer (6). A registry has no "create if
+    # absent": two claims put within the settle time may both win (one extra fetch), so
+    # the bound is the issue's 1.5 x unique, not 1.00.
+    assert all(n >= 1 for n in fetched) and sum(fetched) <= 3, served
+    waits = sum(c.tiers[1].claims.waits for c in machines)  # type: ignore[attr-defined]
+    assert waits >= 3, waits  # of 4 (2 machines x 2 layers) that could have waited
+
+
+async def test_prefetch_over_tiers_counts_hits_per_tier_and_promotes(
+    fleet: Registry, origin: FaultProxy, published: Published, tmp_path: Path
+) -> None:
+    async with Client() as client:
+        img = await client.image(f"{origin.address}/test/big:v1")
+        f = RegistryCache(f"{fleet.host}/layer-cache", client=client)
+        cold = await cache.prefetch(img, tiered(FilesystemCache(tmp_path / "a"), f))
+        assert (cold.misses, cold.hits, cold.hits_by_tier) == (2, 0, {})
+        local = FilesystemCache(tmp_path / "b")
+        origin.reset()
+        warm = await cache.prefetch(img, tiered(local, f))
+        assert (warm.misses, warm.hits, warm.hits_by_tier) == (0, 2, {"fleet": 2})
+        assert blob_gets(origin) == {}
+        again = await cache.prefetch(img, tiered(local, f))
+        assert again.hits_by_tier == {"local": 2}  # the fleet hit filled the local tier
+        hit = await tiered(local, f).get((await img.manifest()).layers[0].digest)
+        assert isinstance(hit, TierHit) and hit.tier == "local" and not hit.promotes

@@ -25,7 +25,7 @@ from ._entries import Claim, EntryInfo, claim_manifest, claim_tag, parse_claim
 __all__ = ["Claims", "Manifests"]
 
 # Seconds between putting a claim and reading it back (two machines' puts both land).
-SETTLE = 0.05
+SETTLE = 0.1
 # Bytes per second a claimer is assumed to get at least from the origin: sets its lease.
 LEASE_RATE = 10 * 1024 * 1024
 
@@ -35,6 +35,7 @@ class Manifests(Protocol):
 
     async def read_tag(self, tag: str) -> bytes | None: ...
     async def put_tag(self, tag: str, raw: bytes) -> Hash: ...
+    async def ready(self) -> None: ...
     async def delete_manifest(self, digest: Hash) -> None: ...
     async def lookup(self, h: Hash) -> EntryInfo | None: ...
 
@@ -59,6 +60,7 @@ class Claims:
         done), the entry another machine put while we waited (read it from the
         fleet), or None (fetch from the origin without a claim).
         """
+        await self._repo.ready()  # what a claim's manifest needs is there: the put is quick
         held = await self._current(h)
         if held is None or not held.live:
             lease = self.lease + (size or 0) / LEASE_RATE
@@ -85,8 +87,11 @@ class Claims:
             polls += 1
             if polls % 4 == 0:
                 now = await self._current(h)
-                if now is None or now.owner != held.owner or not now.live:
-                    break  # the claimer gave up (or another took over): fetch it ourselves
+                if now is None or not now.live:
+                    break  # the claimer gave up, or died: fetch it ourselves
+                if now.owner != held.owner:  # another took over: wait for that one
+                    held = now
+                    deadline = min(held.expires, time.time() + self.lease + 60)
         return await self._repo.lookup(h)
 
     async def release(self, digest: Hash) -> None:

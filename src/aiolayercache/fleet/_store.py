@@ -17,7 +17,7 @@ from .._hash import Hash
 from .._protocols import Layer
 from .._types import Descriptor
 from .._wrap import LayerWrapper
-from ..remote import Client, TransportError, default_client
+from ..remote import Client, TransportError, UnauthorizedError, default_client
 from ..remote._errors import read_capped
 from ..remote._reference import Reference
 from ..remote._write import Pusher
@@ -90,6 +90,7 @@ class RegistryCache:
         self.write_errors = 0
         self.read_errors = 0
         self._down_until = 0.0
+        self._no_writes_until = 0.0
         self._warned: set[str] = set()
         self._empty_ready = False
         self._empty_lock = anyio.Lock()
@@ -119,6 +120,9 @@ class RegistryCache:
 
     def write_failed(self, h: Hash, exc: BaseException) -> None:
         self.write_errors += 1
+        if isinstance(exc, (UnauthorizedError, TransportError, OSError, TimeoutError)):
+            # Refused (read-only, no push right, a quota) or gone: stop asking for a while.
+            self._no_writes_until = time.monotonic() + self.down_for
         self._warn_once("write", f"fleet {self!r} did not take {h} ({exc}); going on without it")
 
     @property
@@ -146,7 +150,7 @@ class RegistryCache:
             return await read_capped(resp, MAX_ENTRY_MANIFEST, f"fleet tag {tag}")
 
     async def put_tag(self, tag: str, raw: bytes) -> Hash:
-        await self._ensure_empty()
+        await self.ready()
         await (await self.pusher()).manifest(tag, raw, MANIFEST_TYPE)
         return Hash.of(raw)
 
@@ -162,7 +166,7 @@ class RegistryCache:
         )
         resp.release()
 
-    async def _ensure_empty(self) -> None:
+    async def ready(self) -> None:
         # The entry manifests' config ({}): a blob of the repository, put once.
         async with self._empty_lock:
             if self._empty_ready:
@@ -277,14 +281,14 @@ class RegistryCache:
         self, h: Hash, size: int | None, media_type: str, kind: str, upstream: Opener
     ) -> ByteReceiveStream:
         """A stream of ``upstream`` that uploads to entry ``h`` as it is read."""
-        if self.down:
+        if self.down or time.monotonic() < self._no_writes_until:
             return await upstream()
         release = None
         if self.claims is not None and (size is None or size >= CLAIM_MIN):
             try:
                 got = await self.claims.claim_or_wait(h, size)
             except FLEET_ERRORS as exc:
-                self._unreadable(exc)
+                self.write_failed(h, exc)  # the fleet cannot take this fill
                 return await upstream()
             if isinstance(got, EntryInfo):
                 try:

@@ -82,29 +82,33 @@ class UploadSink:
         if self._small:
             self._parts.append(chunk)
             return
-        if self._task is None:
-            self._pusher = await self._owner.pusher()
-            self._task = asyncio.create_task(self._patch(self._pusher))
         try:
             with anyio.fail_after(self._owner.stall_timeout):
+                if self._task is None:
+                    # The session is opened here, not in the task: its location is known
+                    # before anything can abandon it, so an abort always cancels it.
+                    self._pusher = await self._owner.pusher()
+                    location = self._location = await self._pusher.start_upload()
+                    self._task = asyncio.create_task(self._patch(self._pusher, location))
                 await self._send.send(chunk)
         except TimeoutError:
             await self._fail(TimeoutError(f"the fleet took no bytes for {self._stall()}"))
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
             await self._fail(await self._task_error())
+        except UPLOAD_ERRORS as exc:  # the session could not be opened
+            await self._fail(exc)
 
     def _stall(self) -> str:
         return f"{self._owner.stall_timeout:g} s"
 
-    async def _patch(self, pusher: Pusher) -> URL:
+    async def _patch(self, pusher: Pusher, location: URL) -> URL:
         try:
-            self._location = await pusher.start_upload()
 
             async def body() -> AsyncIterator[bytes]:
                 async for chunk in self._recv:
                     yield chunk
 
-            return await pusher.patch_upload(self._location, body())
+            return await pusher.patch_upload(location, body())
         finally:
             self._recv.close()  # a write waiting on a dead upload wakes up
 
