@@ -26,6 +26,7 @@ def run(
 ) -> subprocess.CompletedProcess[str]:
     e = dict(os.environ)
     e.pop("AIOLAYERCACHE_CACHE_DIR", None)
+    e.pop("AIOLAYERCACHE_FLEET", None)
     e.update(env or {})
     return subprocess.run(
         [*CLI, *args], capture_output=True, text=True, timeout=timeout, env=e, check=False

@@ -294,7 +294,7 @@ async def test_a_slow_fleet_is_given_up_and_the_pull_goes_on(
 ) -> None:
     with running_proxy(fleet.host) as fpx:
         # Uploads hang (the registry takes no bytes): the read must not wait on them.
-        fpx.add("/blobs/uploads/", "delay", 30, times=10_000, method=None)
+        fpx.add("/blobs/uploads/", "delay", 4, times=10_000, method=None)
         async with Client() as client:
             f = RegistryCache(
                 f"{fpx.address}/layer-cache",

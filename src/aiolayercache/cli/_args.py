@@ -32,6 +32,19 @@ _DURATION = re.compile(r"(?i)^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
 _PLATFORM = re.compile(r"[A-Za-z0-9_]+/[A-Za-z0-9_]+(?:/[A-Za-z0-9_]+)?")
 
 
+FLEET_ENV = "AIOLAYERCACHE_FLEET"
+
+
+def add_fleet_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--fleet",
+        metavar="REGISTRY/REPO",
+        default=None,
+        help=f"a cache shared by machines, in a registry repository, behind the local "
+        f"cache (default: ${FLEET_ENV}; '' for none); see docs/FLEET.md",
+    )
+
+
 class UsageError(Exception):
     """Bad arguments: exit code 2."""
 
@@ -145,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="layer cache directory (default: $AIOLAYERCACHE_CACHE_DIR or the user cache dir)",
     )
-    where.add_argument("--no-cache", action="store_true", help="pull without the layer cache")
+    where.add_argument("--no-cache", action="store_true", help="pull without the local layer cache")
+    add_fleet_option(pull)
     plat = pull.add_mutually_exclusive_group()
     plat.add_argument(
         "--platform",
@@ -199,7 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument(
         "--cache-dir", metavar="DIR", help="layer cache directory (default as for pull)"
     )
-    where.add_argument("--no-cache", action="store_true", help="read SRC without the layer cache")
+    where.add_argument(
+        "--no-cache", action="store_true", help="read SRC without the local layer cache"
+    )
+    add_fleet_option(copy)
     _push_options(copy)
 
     push = sub.add_parser(
@@ -220,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     push.add_argument("source", metavar="PATH", help="OCI layout DIR[:NAME] or docker archive FILE")
     push.add_argument("dest", metavar="REF", help="registry reference to push it to")
-    push.set_defaults(cache_dir=None, no_cache=True)
+    push.set_defaults(cache_dir=None, no_cache=True, fleet="")
     _push_options(push)
 
     cache = sub.add_parser(

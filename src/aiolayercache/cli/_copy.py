@@ -16,10 +16,10 @@ import time
 from dataclasses import dataclass, field
 
 from .. import Hash, Image, ImageIndex, cache
-from ..cache import FilesystemCache
+from ..cache import Cache
 from ..remote import Client, InvalidReferenceError, PushStats, Reference
 from ._args import EXIT_FAILED, EXIT_OK, UsageError, human
-from ._cache_cmd import default_cache_dir
+from ._caches import layer_cache
 from ._progress import ObservedImage, ObservedIndex, Reporter
 from ._sources import Source, check_platform, failure, parse_source, resolve
 
@@ -73,7 +73,7 @@ async def _target(
     args: argparse.Namespace,
     client: Client,
     rep: Reporter,
-    fs: FilesystemCache | None,
+    fs: Cache | None,
 ) -> Image | ImageIndex:
     """The one image or index of ``src`` (observed, and cached when ``fs`` is given)."""
     items = await resolve(src, args, client)
@@ -99,9 +99,11 @@ async def copy(args: argparse.Namespace, rep: Reporter, state: CopyState) -> int
     if args.jobs < 1:
         raise UsageError("-j must be at least 1")
     # Only a registry is worth caching: a layout or an archive is already on this disk.
-    use_cache = src.kind == "registry" and not args.no_cache
-    fs = FilesystemCache(args.cache_dir or default_cache_dir()) if use_cache else None
     async with Client(insecure=args.insecure) as client:
+        fs = None
+        if src.kind == "registry":
+            fs, fleet = layer_cache(args, client, local=not args.no_cache)
+            rep.fleet = fleet is not None
         try:
             target = await _target(src, args, client, rep, fs)
         except UsageError:

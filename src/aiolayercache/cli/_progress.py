@@ -31,6 +31,7 @@ class Stats:
     hits: int = 0
     bytes_fetched: int = 0
     bytes_from_cache: int = 0
+    from_fleet: int = 0  # layers (of ``hits``) the fleet tier served
     started: float = field(default_factory=time.monotonic)
     seen: set[str] = field(default_factory=set)
 
@@ -42,6 +43,7 @@ class Reporter:
         self.mode = mode  # rich | plain | quiet
         self.action = action  # pull | copy: what the layers streamed are for
         self.stats = Stats()
+        self.fleet = False  # a fleet tier is in use: the summary tells its hits apart
         self._progress: Any = None
         self._total: Any = None
         self._tasks: dict[str, Any] = {}
@@ -74,7 +76,7 @@ class Reporter:
         elif self.mode == "rich":
             self._progress.console.print(msg, highlight=False)
 
-    def layer_started(self, digest: str, size: int, cached: bool) -> bool:
+    def layer_started(self, digest: str, size: int, cached: bool, tier: str | None = None) -> bool:
         """Count a layer once; returns False when it was already counted."""
         if digest in self.stats.seen:
             return False
@@ -82,6 +84,8 @@ class Reporter:
         self.stats.layers += 1
         if cached:
             self.stats.hits += 1
+        if tier == "fleet":
+            self.stats.from_fleet += 1
         if self.mode == "rich":
             t = self._progress.tasks[self._total].total or 0
             self._progress.update(self._total, total=t + size)
@@ -123,9 +127,16 @@ class Reporter:
     def summary(self) -> str:
         s = self.stats
         wall = time.monotonic() - s.started
+        hits = f"{s.hits} cache hits"
+        if self.fleet:
+            local = s.hits - s.from_fleet
+            hits = (
+                f"{local} from the local cache, {s.from_fleet} from the fleet, "
+                f"{s.layers - s.hits} from the origin"
+            )
         return (
             f"{s.images} image{'s' if s.images != 1 else ''}, {s.layers} layers "
-            f"({s.hits} cache hits), {human(s.bytes_fetched)} fetched, "
+            f"({hits}), {human(s.bytes_fetched)} fetched, "
             f"{human(s.bytes_from_cache)} from cache, {wall:.2f}s"
         )
 
@@ -142,14 +153,16 @@ class _CountingStream(ByteReceiveStream):
         self._rep = rep
         self._digest = digest
         self._size = size
-        self._cached = inner.extra(StreamAttribute.from_cache, False)
+        # Bytes a slower tier (the fleet) serves count as cached, whatever filled from them.
+        tier = inner.extra(StreamAttribute.tier, None)
+        self._cached = inner.extra(StreamAttribute.from_cache, False) or tier is not None
         self._seen = 0
         self._attrs: dict[Any, Callable[[], Any]] = dict(inner.extra_attributes)
         proven = inner.extra(StreamAttribute.proven_file, None)
         if proven is not None:
             counted = dataclasses.replace(proven, consumed=self._consumed)
             self._attrs[StreamAttribute.proven_file] = lambda: counted
-        rep.layer_started(digest, size, self._cached)
+        rep.layer_started(digest, size, self._cached, tier)
 
     @property
     def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:

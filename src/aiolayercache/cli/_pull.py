@@ -12,10 +12,9 @@ from typing import Any, cast
 import anyio
 
 from .. import Hash, Image, cache, layout, mutate, tarball
-from ..cache import FilesystemCache
 from ..remote import Client, InvalidReferenceError, Reference
 from ._args import EXIT_FAILED, EXIT_OK, UsageError
-from ._cache_cmd import default_cache_dir
+from ._caches import layer_cache
 from ._progress import ObservedImage, ObservedIndex, Reporter
 from ._sources import Source, check_platform, dedupe, failure, parse_source, resolve
 
@@ -123,7 +122,6 @@ async def pull(args: argparse.Namespace, rep: Reporter) -> int:
     fmt = args.format or ("tarball" if args.dest.endswith((".tar", ".tar.gz")) else "oci")
     renames = _renames(args, fmt)
     sources = dedupe([parse_source(s) for s in args.sources], renames)
-    fs = None if args.no_cache else FilesystemCache(args.cache_dir or default_cache_dir())
     if args.jobs < 1:
         raise UsageError("-j must be at least 1")
     if fmt == "tarball" and args.all_platforms:
@@ -133,6 +131,8 @@ async def pull(args: argparse.Namespace, rep: Reporter) -> int:
     resolved: list[list[tuple[str, Any]]] = [[] for _ in sources]
     limiter = anyio.CapacityLimiter(args.jobs)
     async with Client(insecure=args.insecure) as client:
+        fs, fleet = layer_cache(args, client, local=not args.no_cache)
+        rep.fleet = fleet is not None
 
         async def resolve_into(i: int, src: Source) -> None:
             async with limiter:

@@ -63,7 +63,8 @@ class RegistryCache:
     bytes verified. The fleet never fails a read that could go on: a registry
     that cannot be read is a miss, one that cannot take a write is counted in
     ``write_errors`` (one warning), and after a transport failure the fleet is
-    skipped for ``down_for`` seconds. With ``claims`` (default), machines
+    skipped for ``down_for`` seconds (a lookup that takes ``lookup_timeout``
+    seconds counts as one). With ``claims`` (default), machines
     that miss the same entry at once wait for the one that claimed it instead
     of all fetching it from the origin (see ``_claims``).
     """
@@ -80,6 +81,7 @@ class RegistryCache:
         stall_timeout: float = 10.0,
         commit_timeout: float = 60.0,
         down_for: float = 30.0,
+        lookup_timeout: float = 2.0,
     ) -> None:
         self.repo = Reference.parse(repo) if isinstance(repo, str) else repo
         self._client = client
@@ -87,6 +89,7 @@ class RegistryCache:
         self.stall_timeout = stall_timeout
         self.commit_timeout = commit_timeout
         self.down_for = down_for
+        self.lookup_timeout = lookup_timeout
         self.write_errors = 0
         self.read_errors = 0
         self._down_until = 0.0
@@ -135,6 +138,12 @@ class RegistryCache:
         return Pusher(await self.client(), self.repo)
 
     async def read_tag(self, tag: str) -> bytes | None:
+        # Bounded: a fleet that does not answer (retrying a refused connection) is down,
+        # and a pull should not wait on it longer than this.
+        with anyio.fail_after(self.lookup_timeout):
+            return await self._read_tag(tag)
+
+    async def _read_tag(self, tag: str) -> bytes | None:
         c = await self.client()
         resp = await c.request(
             self.repo,
