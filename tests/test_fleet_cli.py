@@ -119,3 +119,35 @@ def test_fleet_must_name_a_repository(bad: str, tmp_path: Path) -> None:
     out = run("pull", "--fleet", bad, "127.0.0.1:1/x:y", str(tmp_path / "o"))
     assert out.returncode == 2, out
     assert "--fleet" in out.stderr
+
+
+def test_cache_ls_fleet_lists_the_fleet_entries(
+    fleet: Registry, origin: FaultProxy, published: Published, tmp_path: Path
+) -> None:
+    import anyio
+
+    repo = f"{fleet.host}/layer-cache"
+    ref = f"{origin.address}/test/small:v1"
+    assert (
+        run(
+            "pull",
+            "-q",
+            "--fleet",
+            repo,
+            "--cache-dir",
+            str(tmp_path / "c"),
+            ref,
+            str(tmp_path / "o"),
+        ).returncode
+        == 0
+    )
+    out = run("cache", "ls", "--fleet", repo)
+    assert out.returncode == 0, out.stderr
+    m = anyio.run(published.small.manifest)
+    want = {str(d.digest): d.size for d in [*m.layers, m.config]}
+    got = {}
+    for line in out.stdout.splitlines():
+        digest, size, kind = line.split()
+        got[digest] = int(size)
+        assert kind == ("config" if digest == str(m.config.digest) else "compressed")
+    assert got == want

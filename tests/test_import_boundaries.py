@@ -167,3 +167,17 @@ def test_remote_does_not_import_the_cache() -> None:
 
 def test_nothing_but_the_cli_imports_the_cli() -> None:
     _check(LIBRARY, CLI)
+
+
+FLEET = _modules(_under("fleet"))
+
+
+def test_the_fleet_sits_beside_the_formats_and_is_imported_by_neither_cache_nor_remote() -> None:
+    # The fleet is a client of a registry (remote) that plays a cache: it may import both;
+    # the cache (tiered included) and remote never import it, nor do the formats.
+    assert FLEET
+    _check([*CACHE, *REMOTE], _under("fleet"))
+    _check(
+        _modules(_under("layout", "tarball", "_layout_write", "_tarball_write")), _under("fleet")
+    )
+    _check(FLEET, _under("layout", "tarball", "_layout_write", "_tarball_write"))

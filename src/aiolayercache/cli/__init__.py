@@ -32,7 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The one lazy import in the CLI, on purpose: the commands load the library,
     # aiohttp and rich (about three times what --help loads), so only a command
     # that runs pays for them; --help, --version and usage errors exit above.
-    from . import _cache_cmd, _copy, _progress, _pull
+    from . import _cache_cmd, _caches, _copy, _progress, _pull
 
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.WARNING,
@@ -43,7 +43,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     before = _pull.dest_state(args.dest) if args.command == "pull" else None
     copying = _copy.CopyState() if args.command in ("copy", "push") else None
     try:
-        if args.command == "cache":
+        if args.command == "cache" and args.fleet:  # cache ls --fleet REPO
+            code = anyio.run(_caches.fleet_ls, args)
+        elif args.command == "cache":
             code = anyio.run(_cache_cmd.cache_command, args)
         else:
             mode = "quiet" if args.quiet else ("rich" if sys.stderr.isatty() else "plain")

@@ -248,7 +248,13 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--cache-dir", metavar="DIR", help="cache directory (default as for pull)")
     cache.add_argument("--debug", action="store_true", help="tracebacks and debug logs")
     csub = cache.add_subparsers(dest="cache_command", metavar="ACTION")
-    csub.add_parser("ls", help="list entries with size and last use")
+    ls = csub.add_parser("ls", help="list entries with size and last use")
+    ls.add_argument(
+        "--fleet",
+        metavar="REGISTRY/REPO",
+        help="list the entries of this fleet repository (from its tags) instead",
+    )
+    cache.set_defaults(fleet=None, insecure=False)
     csub.add_parser("du", help="total size and number of entries")
     csub.add_parser(
         "verify", help="hash every entry again; remove bad entries and stale temp files"

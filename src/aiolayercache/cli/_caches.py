@@ -5,26 +5,16 @@ from __future__ import annotations
 import argparse
 import os
 
+import anyio
+
+from .. import Hash
 from ..cache import Cache, FilesystemCache, tiered
-from ..fleet import RegistryCache
+from ..fleet import EntryInfo, RegistryCache
 from ..remote import Client, InvalidReferenceError, Reference
-from ._args import FLEET_ENV, UsageError
+from ._args import EXIT_OK, FLEET_ENV, UsageError
 from ._cache_cmd import default_cache_dir
 
-__all__ = ["fleet_repo", "layer_cache"]
-
-
-def fleet_repo(args: argparse.Namespace) -> Reference | None:
-    text = args.fleet if args.fleet is not None else os.environ.get(FLEET_ENV, "")
-    if not text:
-        return None
-    try:
-        ref = Reference.parse(text)
-    except InvalidReferenceError as exc:
-        raise UsageError(f"--fleet {text!r} is not a registry repository: {exc}") from None
-    if ref.digest is not None or (ref.tag not in (None, "latest")):
-        raise UsageError(f"--fleet names a repository (REGISTRY/REPO), not an image: {text!r}")
-    return ref
+__all__ = ["fleet_ls", "fleet_repo", "layer_cache"]
 
 
 def layer_cache(
@@ -40,3 +30,39 @@ def layer_cache(
     if fs is not None and fleet is not None:
         return tiered(fs, fleet), fleet
     return (fs or fleet), fleet
+
+
+def fleet_repo(args: argparse.Namespace) -> Reference | None:
+    text = args.fleet if args.fleet is not None else os.environ.get(FLEET_ENV, "")
+    if not text:
+        return None
+    try:
+        ref = Reference.parse(text)
+    except InvalidReferenceError as exc:
+        raise UsageError(f"--fleet {text!r} is not a registry repository: {exc}") from None
+    if ref.digest is not None or (ref.tag not in (None, "latest")):
+        raise UsageError(f"--fleet names a repository (REGISTRY/REPO), not an image: {text!r}")
+    return ref
+
+
+async def fleet_ls(args: argparse.Namespace) -> int:
+    """``cache ls --fleet REPO``: each entry's hash, size and kind, from its manifest."""
+    repo = fleet_repo(args)
+    assert repo is not None
+    limiter = anyio.CapacityLimiter(8)
+    async with Client(insecure=args.insecure) as client:
+        fleet = RegistryCache(repo, client=client, claims=False, lookup_timeout=30)
+        hashes = await fleet.entries()
+        infos: list[EntryInfo | None] = [None] * len(hashes)
+
+        async def one(i: int, h: Hash) -> None:
+            async with limiter:
+                infos[i] = await fleet.lookup(h)
+
+        async with anyio.create_task_group() as tg:
+            for i, h in enumerate(hashes):
+                tg.start_soon(one, i, h)
+    for info in infos:
+        if info is not None:  # (deleted since the tags were listed)
+            print(f"{info.digest}  {info.size:>12}  {info.kind}")
+    return EXIT_OK
