@@ -101,7 +101,7 @@ async def copy(args: argparse.Namespace, rep: Reporter, state: CopyState) -> int
     # Only a registry is worth caching: a layout or an archive is already on this disk.
     use_cache = src.kind == "registry" and not args.no_cache
     fs = FilesystemCache(args.cache_dir or default_cache_dir()) if use_cache else None
-    async with Client(insecure=args.insecure) as client:
+    async with Client(insecure=args.insecure, registries_conf=args.registries_conf) as client:
         try:
             target = await _target(src, args, client, rep, fs)
         except UsageError:
