@@ -300,12 +300,35 @@ class RegistriesConf:
         return RegistriesConf(tuple(by_prefix.values()), self.files)
 
 
+_LOADED: dict[tuple[tuple[str, int, int, int], ...], RegistriesConf] = {}
+
+
+def _stamp(f: Path) -> tuple[str, int, int, int]:
+    try:
+        st = f.stat()
+    except OSError:
+        return (str(f), -1, -1, -1)  # _read names the error
+    return (str(f), st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 def load_registries_conf(path: str | os.PathLike[str] | None) -> RegistriesConf:
-    """Read and merge registries.conf and its drop-ins (see :func:`conf_files`)."""
-    merged: dict[str, RegistryEntry] = {}
+    """Read and merge registries.conf and its drop-ins (see :func:`conf_files`).
+
+    Parsed once per set of unchanged files (inode, size, mtime), so each new
+    client costs a few ``stat`` calls, not a TOML parse.
+    """
     files = conf_files(path)
+    key = tuple(_stamp(f) for f in files)
+    conf = _LOADED.get(key)
+    if conf is not None:
+        return conf
+    merged: dict[str, RegistryEntry] = {}
     for f in files:
         for e in parse_conf(_read(f), str(f)):
             merged.pop(e.prefix, None)  # a later file's table replaces an earlier one
             merged[e.prefix] = e
-    return RegistriesConf(tuple(merged.values()), tuple(str(f) for f in files))
+    conf = RegistriesConf(tuple(merged.values()), tuple(str(f) for f in files))
+    if len(_LOADED) >= 16:
+        _LOADED.clear()
+    _LOADED[key] = conf
+    return conf
