@@ -481,3 +481,24 @@ def test_cli_bad_registries_conf_fails_naming_the_file(tmp_path: Path) -> None:
     r = run("pull", "--registries-conf", str(path), "127.0.0.1:1/x:1", str(tmp_path / "o"))
     assert r.returncode == 1
     assert str(path) in r.stderr and "not valid TOML" in r.stderr
+
+
+def test_cli_copy_reads_through_the_mirror_and_pushes_to_the_origin(
+    proxy: FaultProxy, registry: Registry, published: Published, tmp_path: Path
+) -> None:
+    with recording(registry.host) as mirror, recording(registry.host) as dest:
+        # DST's prefix is blocked and mirrored too: neither applies to a push.
+        path = conf(
+            tmp_path,
+            f'[[registry]]\nprefix = "{proxy.address}"\n'
+            f'[[registry.mirror]]\nlocation = "{mirror.address}"\n'
+            f'[[registry]]\nprefix = "{dest.address}"\nblocked = true\n'
+            f'[[registry.mirror]]\nlocation = "{mirror.address}"\n',
+        )
+        src, dst = f"{proxy.address}/test/small:v1", f"{dest.address}/copied/small:v1"
+        r = run("copy", "-q", "--no-cache", "--registries-conf", str(path), src, dst)
+        assert r.returncode == 0, r.stderr
+        assert set(mirror.gets("blobs")) == blob_paths(published.small, "test/small")
+        assert not [p for _, p, _ in mirror.seen if "/copied/" in p]
+        assert ("PUT", "/v2/copied/small/manifests/v1", "") in dest.seen
+    assert not [k for k in proxy.stats.requests if k.startswith("GET /v2/test/small/blobs/")]
