@@ -115,6 +115,16 @@ def _push_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="tracebacks and debug logs")
 
 
+def _registries_conf(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--registries-conf",
+        metavar="FILE",
+        help="containers registries.conf for mirrors, rewrites and blocks of pulls "
+        "(default: $CONTAINERS_REGISTRIES_CONF, ~/.config/containers/registries.conf or "
+        "/etc/containers/registries.conf, as skopeo reads it)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="aiolayercache",
@@ -185,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument(
         "--insecure", action="store_true", help="allow plain HTTP to non-loopback registries"
     )
+    _registries_conf(pull)
     pull.add_argument("-q", "--quiet", action="store_true", help="no progress, only the summary")
     pull.add_argument("--debug", action="store_true", help="tracebacks and debug logs")
 
@@ -218,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_fleet_option(copy)
     _push_options(copy)
+    _registries_conf(copy)
 
     push = sub.add_parser(
         "push",
@@ -237,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     push.add_argument("source", metavar="PATH", help="OCI layout DIR[:NAME] or docker archive FILE")
     push.add_argument("dest", metavar="REF", help="registry reference to push it to")
-    push.set_defaults(cache_dir=None, no_cache=True, fleet="")
+    push.set_defaults(cache_dir=None, no_cache=True, fleet="", registries_conf=False)
     _push_options(push)
 
     cache = sub.add_parser(

@@ -5,6 +5,9 @@ whose layers stream straight from the registry, verified as they stream;
 wrap it with :func:`aiolayercache.cache.image` to pull through a cache.
 Pass ``client=`` to share one :class:`Client` (one pooled session, one
 token cache) across pulls; without it the event loop's shared client is used.
+Pulls go through the mirrors of ``Client(mirrors=...)`` and of the containers
+``registries.conf`` (:class:`BlockedError` for a blocked name,
+:class:`RegistriesConfError` for a bad file).
 """
 
 from __future__ import annotations
@@ -19,17 +22,21 @@ from ._client import Client
 from ._default import default_client
 from ._descriptor import RemoteDescriptor
 from ._errors import RemoteError, TransportError, UnauthorizedError
+from ._mirrors import BlockedError
 from ._reference import InvalidReferenceError, Reference
+from ._registries_conf import RegistriesConfError
 from ._retry import RetryPolicy, parse_retry_after
 from ._write import PushStats
 
 __all__ = [
+    "BlockedError",
     "Client",
     "Credentials",
     "InvalidReferenceError",
     "PlatformNotFoundError",
     "PushStats",
     "Reference",
+    "RegistriesConfError",
     "RemoteDescriptor",
     "RemoteError",
     "RetryPolicy",

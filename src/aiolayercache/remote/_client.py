@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping
-from typing import Any
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 import aiohttp
 import anyio
@@ -36,7 +37,7 @@ from ._auth import (
     token_request,
 )
 from ._blob import open_blob
-from ._descriptor import MANIFEST_ACCEPT, RemoteDescriptor, read_manifest
+from ._descriptor import RemoteDescriptor
 from ._errors import (
     NET_ERRORS,
     RemoteError,
@@ -46,6 +47,7 @@ from ._errors import (
     read_capped,
     redact,
 )
+from ._mirrors import make_router, manifest_at
 from ._reference import Reference
 from ._retry import RETRY_STATUSES, RetryBudget, RetryPolicy, is_exhausted_quota, parse_retry_after
 from ._urls import check_target, origin, scheme_for
@@ -68,7 +70,9 @@ class Client:
     ``~/.docker/config.json`` / ``$DOCKER_CONFIG`` for registries not given
     explicitly. Plain HTTP is used for loopback registries and when
     ``insecure`` is true; HTTPS otherwise. ``resolver`` replaces aiohttp's
-    DNS resolver for the session.
+    DNS resolver for the session. Pulls try ``mirrors`` (name prefix → mirror
+    locations) and those of ``registries_conf`` (a path; None: as skopeo finds
+    it; False: none) before the origin; pushes do not (``_mirrors``).
     """
 
     def __init__(
@@ -83,7 +87,12 @@ class Client:
         read_timeout: float = 60.0,
         user_agent: str = "aiolayercache/0.1",
         resolver: AbstractResolver | None = None,
+        mirrors: Mapping[str, Sequence[str]] | None = None,
+        registries_conf: str | os.PathLike[str] | Literal[False] | None = None,
     ) -> None:
+        self._router = make_router(mirrors, registries_conf)
+        if self._router is not None:
+            credentials = self._router.credentials(credentials)
         self._credentials = CredentialStore(credentials, docker_config=docker_config)
         self.insecure = insecure
         self.retry = retry or RetryPolicy()
@@ -140,13 +149,17 @@ class Client:
             )
         return self._session
 
+    def _insecure(self, ref: Reference) -> bool:
+        r = self._router
+        return self.insecure or (r is not None and r.is_insecure(ref.registry))
+
     # --- auth: credentials, challenges, tokens --------------------------------------
 
     async def _fetch_token(self, ref: Reference, ch: Challenge, scope: str) -> Token:
         realm = ch.params.get("realm")
         if not realm:
             raise UnauthorizedError(f"{ref.context}: bearer challenge without a realm")
-        url = check_realm(realm, ref, self.insecure)
+        url = check_realm(realm, ref, self._insecure(ref))
         creds = self._credentials.get(ref.registry)
         req = token_request(url, ch, scope, creds)
         resp = await self._send(req.method, req.url, headers=req.headers, data=req.form, ref=ref)
@@ -195,6 +208,7 @@ class Client:
         scope: str | None = None,
         data: Any = None,
         resend: bool = True,
+        query: Mapping[str, str] | None = None,
     ) -> aiohttp.ClientResponse:
         """A registry API request with auth; raises a typed error unless the status is ``ok``.
 
@@ -202,16 +216,20 @@ class Client:
         credentials go only to the registry's own origin). ``scope`` is the token
         scope (default: pull from ``ref``'s repository). With ``resend=False`` (a
         streamed body, which cannot be sent twice) nothing is retried or re-sent.
+        ``query`` is added to a registry path (``ns`` for a mirror).
         """
-        scheme = scheme_for(ref, self.insecure)
+        insecure = self._insecure(ref)
+        scheme = scheme_for(ref, insecure)
         home = URL.build(scheme=scheme, authority=ref.endpoint, encoded=True)
         if isinstance(path, URL):
             url = home.join(path)
-            reason = check_target(url, ref, self.insecure, credentials=False)
+            reason = check_target(url, ref, insecure, credentials=False)
             if reason is not None:
                 raise RemoteError(f"refusing {redact(url)}, which {reason}", method=method)
         else:
             url = URL.build(scheme=scheme, authority=ref.endpoint, path=path, encoded=True)
+            if query:
+                url = url.with_query(query)
         scope = scope or f"repository:{ref.repository}:pull"
         sent: str | None = None
         for _ in range(2 if resend else 1):
@@ -340,7 +358,7 @@ class Client:
                 raise RemoteError(
                     "redirect to a malformed Location", method=method, url=redact(url)
                 ) from None
-            reason = check_target(nxt, ref, self.insecure, credentials=False)
+            reason = check_target(nxt, ref, self._insecure(ref), credentials=False)
             if reason is not None:
                 raise RemoteError(
                     f"refusing redirect to {redact(nxt)}, which {reason}",
@@ -359,12 +377,9 @@ class Client:
         self, ref: Reference, identifier: str, expect: Hash | None
     ) -> tuple[bytes, str, Hash]:
         """The raw manifest ``identifier`` names, its media type and digest (checked)."""
-        path = f"/v2/{ref.repository}/manifests/{identifier}"
-        resp = await self.request(
-            ref, "GET", path, headers={"Accept": MANIFEST_ACCEPT}, what=f"manifest {ref}"
-        )
-        async with resp:
-            return await read_manifest(resp, str(ref), expect)
+        if self._router is not None:
+            return await self._router.fetch_manifest(self, ref, identifier, expect)
+        return await manifest_at(self, ref, ref, identifier, expect)
 
     async def get(self, ref: str | Reference) -> RemoteDescriptor:
         """Fetch the manifest or index ``ref`` names; the result can become either."""
@@ -383,6 +398,8 @@ class Client:
 
     async def open_blob(self, ref: Reference, desc: Descriptor) -> ByteReceiveStream:
         """A stream of blob ``desc``: verified against digest and size, resumed when cut."""
+        if self._router is not None:
+            return await self._router.open_blob(self, ref, desc)
         return await open_blob(self, ref, desc)
 
     async def open_blob_response(
@@ -428,11 +445,11 @@ class Client:
     async def tag(self, ref: str | Reference, new_tag: str) -> None:
         """Tag the manifest ``ref`` names as ``new_tag`` in the same repository."""
         r = Reference.parse(ref) if isinstance(ref, str) else ref
-        raw, media_type, _ = await self.fetch_manifest(r, r.identifier, r.digest)
+        raw, media_type, _ = await manifest_at(self, r, r, r.identifier, r.digest)
         await _write.Pusher(self, r).manifest(new_tag, raw, media_type)
 
     async def delete(self, ref: str | Reference) -> None:
         """Delete the manifest ``ref`` names (a tag is resolved to its digest first)."""
         r = Reference.parse(ref) if isinstance(ref, str) else ref
-        digest = r.digest or (await self.fetch_manifest(r, r.identifier, None))[2]
+        digest = r.digest or (await manifest_at(self, r, r, r.identifier, None))[2]
         await _write.delete(self, r, digest)
