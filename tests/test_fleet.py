@@ -380,3 +380,62 @@ async def test_prefetch_over_tiers_counts_hits_per_tier_and_promotes(
         assert again.hits_by_tier == {"local": 2}  # the fleet hit filled the local tier
         hit = await tiered(local, f).get((await img.manifest()).layers[0].digest)
         assert isinstance(hit, TierHit) and hit.tier == "local" and not hit.promotes
+
+
+async def put_claim(f: RegistryCache, h: Hash, expires_in: float) -> None:
+    import time
+
+    from aiolayercache.fleet._entries import claim_manifest, claim_tag
+
+    await f.put_tag(claim_tag(h), claim_manifest("someone-else", time.time() + expires_in))
+
+
+async def test_a_dead_claimer_holds_the_others_up_one_ttl_at_most(fleet: Registry) -> None:
+    import time
+
+    layer = random.layer(2 * 1024 * 1024, seed=46)
+    h = await layer.digest()
+    async with Client() as client:
+        f = RegistryCache(f"{fleet.host}/layer-cache", client=client, claim_ttl=1.5)
+        await put_claim(f, h, 1.5)  # a claimer that then died: never renewed, never released
+        started = time.monotonic()
+        with anyio.fail_after(30):
+            got = await read_all(await (await f.put(layer)).compressed())
+        waited = time.monotonic() - started
+        assert got == await read_all(await layer.compressed())
+        assert 1.0 <= waited <= 6, waited  # waited for the claim to lapse, then fetched
+        assert (await f.get(h)) is not None  # and filled the fleet itself
+
+
+async def test_a_claim_from_the_far_future_is_not_believed(fleet: Registry) -> None:
+    import time
+
+    layer = random.layer(2 * 1024 * 1024, seed=47)
+    h = await layer.digest()
+    async with Client() as client:
+        f = RegistryCache(f"{fleet.host}/layer-cache", client=client, claim_ttl=10)
+        await put_claim(f, h, 10 * 365 * 86400)  # hostile, or a clock years ahead
+        started = time.monotonic()
+        with anyio.fail_after(30):
+            await read_all(await (await f.put(layer)).compressed())
+        assert time.monotonic() - started < 3
+
+
+async def test_a_live_claimer_renews_its_claim_while_it_fills(fleet: Registry) -> None:
+    from aiolayercache.fleet._entries import claim_tag, parse_claim
+
+    layer = random.layer(2 * 1024 * 1024, seed=48)
+    h = await layer.digest()
+    async with Client() as client:
+        f = RegistryCache(f"{fleet.host}/layer-cache", client=client, claim_ttl=0.9)
+        stream = await (await f.put(layer)).compressed()
+        first = await f.read_tag(claim_tag(h))
+        assert first is not None
+        await anyio.sleep(1.2)  # a slow reader: several renewals go by
+        renewed = await f.read_tag(claim_tag(h))
+        assert renewed is not None and renewed != first
+        claim = parse_claim(renewed)
+        assert claim is not None and claim.live
+        await read_all(stream)
+        assert await f.read_tag(claim_tag(h)) is None  # released once the entry is in
+        assert await f.get(h) is not None

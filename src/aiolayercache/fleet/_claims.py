@@ -2,9 +2,14 @@
 
 Without them, machines that miss the same entry at once would each fetch it
 from the origin. A claim is a manifest tagged ``claim-sha256-<hex>`` naming
-its owner and a time it expires. A machine that finds a live claim of
-another polls for the entry's tag until it appears (then reads it from the
-fleet), the claim goes away or expires (then it fetches the origin itself).
+its owner and when it expires: ``ttl`` seconds ahead, renewed every third of
+that while the owner fills the entry, so a claimer that dies (``kill -9``, a
+lost network) holds the others up for one ``ttl`` at most. A machine that
+finds a live claim of another polls for the entry's tag until it appears
+(then reads it from the fleet) or the claim lapses (then it fetches the
+origin itself). A claim that says it lasts longer than a renewal could make
+it (a clock far ahead, or a hostile writer) is not believed.
+
 A registry has no "create if absent", so two machines may claim at once:
 each puts its claim, waits a moment, and reads the tag back; the last put
 wins for both. The race this leaves (a read back before the other's put)
@@ -13,6 +18,9 @@ costs one extra origin fetch, never a wrong byte: entries are verified.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import secrets
 import time
 from typing import Protocol
@@ -22,12 +30,14 @@ import anyio
 from .._hash import Hash
 from ._entries import Claim, EntryInfo, claim_manifest, claim_tag, parse_claim
 
-__all__ = ["Claims", "Manifests"]
+__all__ = ["Claims", "HeldClaim", "Manifests"]
+
+log = logging.getLogger("aiolayercache.fleet")
 
 # Seconds between putting a claim and reading it back (two machines' puts both land).
 SETTLE = 0.1
-# Bytes per second a claimer is assumed to get at least from the origin: sets its lease.
-LEASE_RATE = 10 * 1024 * 1024
+# However a claim is renewed, nobody waits on one entry longer than this.
+MAX_WAIT = 600.0
 
 
 class Manifests(Protocol):
@@ -35,64 +45,89 @@ class Manifests(Protocol):
 
     async def read_tag(self, tag: str) -> bytes | None: ...
     async def put_tag(self, tag: str, raw: bytes) -> Hash: ...
-    async def ready(self) -> None: ...
     async def delete_manifest(self, digest: Hash) -> None: ...
     async def lookup(self, h: Hash) -> EntryInfo | None: ...
+    async def ready(self) -> None: ...
+
+
+class HeldClaim:
+    """Our claim on one entry: renewed in the background until :meth:`release`."""
+
+    def __init__(self, claims: Claims, h: Hash, digest: Hash) -> None:
+        self._claims = claims
+        self._h = h
+        self.digest = digest
+        self._renewing = asyncio.create_task(self._renew())
+
+    async def _renew(self) -> None:
+        repo, ttl = self._claims.repo, self._claims.ttl
+        stop = time.monotonic() + MAX_WAIT  # a fill nobody reads or closes: let it lapse
+        try:
+            while time.monotonic() < stop:
+                await anyio.sleep(ttl / 3)
+                raw = claim_manifest(self._claims.owner, time.time() + ttl)
+                old, self.digest = self.digest, await repo.put_tag(claim_tag(self._h), raw)
+                await repo.delete_manifest(old)  # (untagged now: only garbage)
+        except Exception as exc:  # the claim lapses; the others then fetch themselves
+            log.debug("fleet: renewing the claim on %s: %s", self._h, exc)
+
+    async def release(self) -> None:
+        self._renewing.cancel()
+        with contextlib.suppress(BaseException):
+            await self._renewing
+        await self._claims.repo.delete_manifest(self.digest)
 
 
 class Claims:
     """Claims on entries of one fleet repository, for one process."""
 
-    def __init__(self, repo: Manifests, lease: float) -> None:
-        self._repo = repo
-        self.lease = lease
+    def __init__(self, repo: Manifests, ttl: float) -> None:
+        self.repo = repo
+        self.ttl = ttl
         self.owner = secrets.token_hex(12)
         self.waits = 0  # entries read from the fleet after waiting for another's claim
 
     async def _current(self, h: Hash) -> Claim | None:
-        raw = await self._repo.read_tag(claim_tag(h))
-        return parse_claim(raw) if raw is not None else None
+        """The live claim on ``h``, if any and believable."""
+        raw = await self.repo.read_tag(claim_tag(h))
+        claim = parse_claim(raw) if raw is not None else None
+        if claim is None or not claim.live or claim.expires > time.time() + 2 * self.ttl:
+            return None
+        return claim
 
-    async def claim_or_wait(self, h: Hash, size: int | None) -> Hash | EntryInfo | None:
+    async def claim_or_wait(self, h: Hash) -> HeldClaim | EntryInfo | None:
         """Claim ``h``, or wait for whoever holds it.
 
-        Returns the digest of our claim's manifest (we fetch; release it when
-        done), the entry another machine put while we waited (read it from the
-        fleet), or None (fetch from the origin without a claim).
+        Returns our claim (we fetch; release it when done), the entry another
+        machine put while we waited (read it from the fleet), or None (fetch
+        from the origin without a claim).
         """
-        await self._repo.ready()  # what a claim's manifest needs is there: the put is quick
+        await self.repo.ready()  # what a claim's manifest needs is there: the put is quick
         held = await self._current(h)
-        if held is None or not held.live:
-            lease = self.lease + (size or 0) / LEASE_RATE
-            mine = await self._repo.put_tag(
-                claim_tag(h), claim_manifest(self.owner, time.time() + lease)
-            )
+        if held is None:
+            raw = claim_manifest(self.owner, time.time() + self.ttl)
+            mine = await self.repo.put_tag(claim_tag(h), raw)
             await anyio.sleep(SETTLE)
             held = await self._current(h)
             if held is None or held.owner == self.owner:
-                return mine
-        return await self._wait(h, held)
+                return HeldClaim(self, h, mine)
+        return await self._wait(h)
 
-    async def _wait(self, h: Hash, held: Claim) -> EntryInfo | None:
+    async def _wait(self, h: Hash) -> EntryInfo | None:
         delay = 0.05
         polls = 0
-        deadline = min(held.expires, time.time() + self.lease + 60)
-        while time.time() < deadline:
-            info = await self._repo.lookup(h)
+        give_up = time.monotonic() + MAX_WAIT
+        while time.monotonic() < give_up:
+            info = await self.repo.lookup(h)
             if info is not None:
                 self.waits += 1
                 return info
             await anyio.sleep(delay)
             delay = min(delay * 1.5, 1.0)
             polls += 1
-            if polls % 4 == 0:
-                now = await self._current(h)
-                if now is None or not now.live:
-                    break  # the claimer gave up, or died: fetch it ourselves
-                if now.owner != held.owner:  # another took over: wait for that one
-                    held = now
-                    deadline = min(held.expires, time.time() + self.lease + 60)
-        return await self._repo.lookup(h)
-
-    async def release(self, digest: Hash) -> None:
-        await self._repo.delete_manifest(digest)
+            if polls % 4 == 0 and await self._current(h) is None:
+                break  # the claimer finished, gave up or died: look once more, then fetch
+        info = await self.repo.lookup(h)
+        if info is not None:
+            self.waits += 1
+        return info

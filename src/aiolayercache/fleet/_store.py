@@ -66,7 +66,8 @@ class RegistryCache:
     skipped for ``down_for`` seconds (a lookup that takes ``lookup_timeout``
     seconds counts as one). With ``claims`` (default), machines
     that miss the same entry at once wait for the one that claimed it instead
-    of all fetching it from the origin (see ``_claims``).
+    of all fetching it from the origin (see ``_claims``); a claim lapses
+    ``claim_ttl`` seconds after its owner stops renewing it.
     """
 
     label = "fleet"
@@ -77,7 +78,7 @@ class RegistryCache:
         *,
         client: Client | None = None,
         claims: bool = True,
-        lease: float = 30.0,
+        claim_ttl: float = 10.0,
         stall_timeout: float = 10.0,
         commit_timeout: float = 60.0,
         down_for: float = 30.0,
@@ -85,7 +86,7 @@ class RegistryCache:
     ) -> None:
         self.repo = Reference.parse(repo) if isinstance(repo, str) else repo
         self._client = client
-        self.claims = Claims(self, lease) if claims else None
+        self.claims = Claims(self, claim_ttl) if claims else None
         self.stall_timeout = stall_timeout
         self.commit_timeout = commit_timeout
         self.down_for = down_for
@@ -295,7 +296,7 @@ class RegistryCache:
         release = None
         if self.claims is not None and (size is None or size >= CLAIM_MIN):
             try:
-                got = await self.claims.claim_or_wait(h, size)
+                got = await self.claims.claim_or_wait(h)
             except FLEET_ERRORS as exc:
                 self.write_failed(h, exc)  # the fleet cannot take this fill
                 return await upstream()
@@ -308,12 +309,12 @@ class RegistryCache:
                     self._unreadable(exc)
                     return await upstream()
             if got is not None:
-                claimed, claims = got, self.claims
+                held = got
 
                 async def release_claim() -> None:
                     with anyio.move_on_after(self.stall_timeout):
                         try:
-                            await claims.release(claimed)
+                            await held.release()
                         except FLEET_ERRORS as exc:
                             log.debug("fleet %r: releasing claim on %s: %s", self, h, exc)
 
