@@ -193,6 +193,8 @@ async def machine_pull(job: dict[str, Any]) -> dict[str, Any]:
             for i, ref in enumerate(job["refs"])
         ]
         await layout.write_all(job["dest"], imgs)
+        if fleet is not None:
+            await fleet.flush()  # the uploads that finish behind the reads count too
     out: dict[str, Any] = {}
     if fleet is not None:
         out["write_errors"] = fleet.write_errors

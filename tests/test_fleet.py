@@ -84,6 +84,7 @@ async def test_round_trips_compressed_uncompressed_and_config_entries(fleet: Reg
         assert await read_all(await (await f.put(layer)).uncompressed()) == want_u
         put_cfg = await f.put(ConfigLayer(config, cdesc))
         assert await read_all(await put_cfg.compressed()) == raw_config
+        await f.flush()  # the entries are tagged behind the reads
         assert f.write_errors == 0
 
         # Another process's view: a new RegistryCache, a new client.
@@ -119,6 +120,7 @@ async def test_entries_survive_garbage_collection(fleet: Registry, tmp_path: Pat
         f = RegistryCache(f"{fleet.host}/layer-cache", client=client)
         for x in (kept, dropped):
             await read_all(await (await f.put(x)).compressed())
+        await f.flush()
         await f.delete(await dropped.digest())
     fleet.stop()
     gc(fleet)
@@ -146,6 +148,7 @@ async def test_corrupt_fleet_blob_is_never_served_and_the_origin_is_used(
     async with Client() as client:
         f = RegistryCache(f"{fleet.host}/layer-cache", client=client)
         await pull_into(tmp_path / "a", ref, tiered(MemoryCache(), f), client)
+        await f.flush()
         victim = (await published.big.manifest()).layers[0].digest
         data = blob_data(fleet, victim)
         raw = bytearray(data.read_bytes())
@@ -168,6 +171,7 @@ async def test_corrupt_fleet_blob_is_never_served_and_the_origin_is_used(
         await read_all(
             await (await f.put(await published.big.layer_by_digest(victim))).compressed()
         )
+        await f.flush()
         origin.reset()
         await pull_into(tmp_path / "b", ref, tiered(MemoryCache(), f), client)
         assert f"GET /v2/test/big/blobs/{victim}" in blob_gets(origin)
@@ -187,9 +191,11 @@ async def test_two_machines_share_the_fleet_and_the_origin_serves_each_blob_once
 
         async def main(cache_dir, fleet_repo, dest, *refs):
             async with Client() as client:
-                c = tiered(FilesystemCache(cache_dir), RegistryCache(fleet_repo, client=client))
+                fleet = RegistryCache(fleet_repo, client=client)
+                c = tiered(FilesystemCache(cache_dir), fleet)
                 imgs = [(cache.image(await client.image(r), c), r.rsplit("/", 1)[1]) for r in refs]
                 await layout.write_all(dest, imgs)
+                await fleet.flush()
 
         anyio.run(main, *sys.argv[1:])
         """
@@ -234,6 +240,7 @@ async def pull_checked(
     local = FilesystemCache(tmp_path / f"{name}-cache")
     with anyio.fail_after(60):
         await pull_into(tmp_path / f"{name}-out", ref, tiered(local, f), client)
+        await f.flush()
     await validate.image(await layout.image(tmp_path / f"{name}-out"))
     return local_entries(tmp_path / f"{name}-cache")
 
@@ -348,6 +355,8 @@ async def test_machines_missing_at_once_fetch_from_the_origin_once(
             async with anyio.create_task_group() as tg:
                 for i, c in enumerate(machines):
                     tg.start_soon(pull_into, tmp_path / f"m{i}", ref, c, client)
+            for c in machines:
+                await c.tiers[1].flush()  # type: ignore[attr-defined]
         for i in range(3):
             await validate.image(await layout.image(tmp_path / f"m{i}"))
         layers = [str(d.digest) for d in (await img.manifest()).layers]
@@ -370,6 +379,7 @@ async def test_prefetch_over_tiers_counts_hits_per_tier_and_promotes(
         img = await client.image(f"{origin.address}/test/big:v1")
         f = RegistryCache(f"{fleet.host}/layer-cache", client=client)
         cold = await cache.prefetch(img, tiered(FilesystemCache(tmp_path / "a"), f))
+        await f.flush()
         assert (cold.misses, cold.hits, cold.hits_by_tier) == (2, 0, {})
         local = FilesystemCache(tmp_path / "b")
         origin.reset()
@@ -402,6 +412,7 @@ async def test_a_dead_claimer_holds_the_others_up_one_ttl_at_most(fleet: Registr
         with anyio.fail_after(30):
             got = await read_all(await (await f.put(layer)).compressed())
         waited = time.monotonic() - started
+        await f.flush()
         assert got == await read_all(await layer.compressed())
         assert 1.0 <= waited <= 6, waited  # waited for the claim to lapse, then fetched
         assert (await f.get(h)) is not None  # and filled the fleet itself
@@ -419,6 +430,8 @@ async def test_a_claim_from_the_far_future_is_not_believed(fleet: Registry) -> N
         with anyio.fail_after(30):
             await read_all(await (await f.put(layer)).compressed())
         assert time.monotonic() - started < 3
+        await f.flush()
+        assert await f.get(h) is not None
 
 
 async def test_a_live_claimer_renews_its_claim_while_it_fills(fleet: Registry) -> None:
@@ -437,5 +450,31 @@ async def test_a_live_claimer_renews_its_claim_while_it_fills(fleet: Registry) -
         claim = parse_claim(renewed)
         assert claim is not None and claim.live
         await read_all(stream)
+        await f.flush()
         assert await f.read_tag(claim_tag(h)) is None  # released once the entry is in
         assert await f.get(h) is not None
+
+
+async def test_a_fleet_in_read_only_maintenance_is_left_alone_after_one_refusal(
+    origin: FaultProxy, published: Published, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    _need_registry()
+    ro = start_registry(
+        tmp_path / "ro-work",
+        tmp_path / "ro-data",
+        extra={"storage": {"maintenance": {"readonly": {"enabled": True}}}},
+    )
+    try:
+        with running_proxy(ro.host) as fpx:
+            async with Client() as client:
+                f = RegistryCache(f"{fpx.address}/layer-cache", client=client)
+                got = await pull_checked(
+                    tmp_path, "maint", f"{origin.address}/test/big:v1", f, client, published
+                )
+            assert len(got) == 3
+            assert f.write_errors >= 1 and f.read_errors == 0
+            writes = [k for k in fpx.stats.requests if not k.startswith(("GET", "HEAD"))]
+            assert sum(fpx.stats.requests[k] for k in writes) <= 3, fpx.stats.requests
+        assert len(fleet_warnings(caplog)) == 1
+    finally:
+        ro.stop()

@@ -100,33 +100,37 @@ async def copy(args: argparse.Namespace, rep: Reporter, state: CopyState) -> int
         raise UsageError("-j must be at least 1")
     # Only a registry is worth caching: a layout or an archive is already on this disk.
     async with Client(insecure=args.insecure, registries_conf=args.registries_conf) as client:
-        fs = None
+        fs, fleet = None, None
         if src.kind == "registry":
             fs, fleet = layer_cache(args, client, local=not args.no_cache)
             rep.fleet = fleet is not None
         try:
-            target = await _target(src, args, client, rep, fs)
-        except UsageError:
-            raise
-        except Exception as exc:
-            if args.debug:
+            try:
+                target = await _target(src, args, client, rep, fs)
+            except UsageError:
                 raise
-            print(
-                f"aiolayercache: copy failed: {failure(src, exc)} ({type(exc).__name__})",
-                file=sys.stderr,
-            )
-            return EXIT_FAILED
-        try:
-            digest = await client.write(dst, target, concurrency=args.jobs, stats=state.push)
-        except Exception as exc:
-            if args.debug:
-                raise
-            print(
-                f"aiolayercache: copy of {src.text} to {args.dest} failed: "
-                f"{type(exc).__name__}: {exc}",
-                file=sys.stderr,
-            )
-            return EXIT_FAILED
+            except Exception as exc:
+                if args.debug:
+                    raise
+                print(
+                    f"aiolayercache: copy failed: {failure(src, exc)} ({type(exc).__name__})",
+                    file=sys.stderr,
+                )
+                return EXIT_FAILED
+            try:
+                digest = await client.write(dst, target, concurrency=args.jobs, stats=state.push)
+            except Exception as exc:
+                if args.debug:
+                    raise
+                print(
+                    f"aiolayercache: copy of {src.text} to {args.dest} failed: "
+                    f"{type(exc).__name__}: {exc}",
+                    file=sys.stderr,
+                )
+                return EXIT_FAILED
+        finally:
+            if fleet is not None:
+                await fleet.flush()  # the uploads that finish behind the reads
     state.digest = digest
     rep.image_done(f"{src.text} to {args.dest}", digest)
     return EXIT_OK

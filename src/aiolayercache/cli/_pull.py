@@ -133,56 +133,60 @@ async def pull(args: argparse.Namespace, rep: Reporter) -> int:
     async with Client(insecure=args.insecure, registries_conf=args.registries_conf) as client:
         fs, fleet = layer_cache(args, client, local=not args.no_cache)
         rep.fleet = fleet is not None
-
-        async def resolve_into(i: int, src: Source) -> None:
-            async with limiter:
-                try:
-                    for name, t, single in await resolve(src, args, client):
-                        observed: Any
-                        if isinstance(t, Image):
-                            img = cache.image(t, fs) if fs is not None else t
-                            observed = ObservedImage(img, rep)
-                            if single and args.platform:
-                                await check_platform(observed, args.platform)
-                        else:
-                            ii = cache.image_index(t, fs) if fs is not None else t
-                            observed = ObservedIndex(ii, rep)
-                        resolved[i].append((name, observed))
-                except Exception as exc:
-                    if args.debug:
-                        raise
-                    failures.append(failure(src, exc))
-
-        async with anyio.create_task_group() as tg:
-            for i, src in enumerate(sources):
-                tg.start_soon(resolve_into, i, src)
-        if failures:
-            for f in failures:
-                print(f"aiolayercache: pull failed: {f}", file=sys.stderr)
-            return EXIT_FAILED
         try:
-            if fmt == "oci":
-                # OCI media types, as skopeo writes them: its layout reader finds no others.
-                resolved = [[(n, await mutate.to_oci(t)) for n, t in ts] for ts in resolved]
-            targets = await _name_apart(sources, resolved, renames, fmt, args.dest)
-            if fmt == "oci":
-                oci = [(t, name) for name, t in targets]
-                descs = await layout.write_all(args.dest, oci, concurrency=max(4, args.jobs))
-                for (name, _), d in zip(targets, descs, strict=True):
-                    rep.image_done(name, d.digest)
-            else:
-                images = [(name, cast("Image", t)) for name, t in targets]
-                await tarball.write(args.dest, images)
-                for name, t in targets:
-                    rep.image_done(name, await t.digest())
-        except UsageError:
-            raise
-        except Exception as exc:
-            if args.debug:
+
+            async def resolve_into(i: int, src: Source) -> None:
+                async with limiter:
+                    try:
+                        for name, t, single in await resolve(src, args, client):
+                            observed: Any
+                            if isinstance(t, Image):
+                                img = cache.image(t, fs) if fs is not None else t
+                                observed = ObservedImage(img, rep)
+                                if single and args.platform:
+                                    await check_platform(observed, args.platform)
+                            else:
+                                ii = cache.image_index(t, fs) if fs is not None else t
+                                observed = ObservedIndex(ii, rep)
+                            resolved[i].append((name, observed))
+                    except Exception as exc:
+                        if args.debug:
+                            raise
+                        failures.append(failure(src, exc))
+
+            async with anyio.create_task_group() as tg:
+                for i, src in enumerate(sources):
+                    tg.start_soon(resolve_into, i, src)
+            if failures:
+                for f in failures:
+                    print(f"aiolayercache: pull failed: {f}", file=sys.stderr)
+                return EXIT_FAILED
+            try:
+                if fmt == "oci":
+                    # OCI media types, as skopeo writes them: its layout reader finds no others.
+                    resolved = [[(n, await mutate.to_oci(t)) for n, t in ts] for ts in resolved]
+                targets = await _name_apart(sources, resolved, renames, fmt, args.dest)
+                if fmt == "oci":
+                    oci = [(t, name) for name, t in targets]
+                    descs = await layout.write_all(args.dest, oci, concurrency=max(4, args.jobs))
+                    for (name, _), d in zip(targets, descs, strict=True):
+                        rep.image_done(name, d.digest)
+                else:
+                    images = [(name, cast("Image", t)) for name, t in targets]
+                    await tarball.write(args.dest, images)
+                    for name, t in targets:
+                        rep.image_done(name, await t.digest())
+            except UsageError:
                 raise
-            names = ", ".join(s.text for s in sources)
-            print(f"aiolayercache: pull of {names} failed: {exc}", file=sys.stderr)
-            return EXIT_FAILED
+            except Exception as exc:
+                if args.debug:
+                    raise
+                names = ", ".join(s.text for s in sources)
+                print(f"aiolayercache: pull of {names} failed: {exc}", file=sys.stderr)
+                return EXIT_FAILED
+        finally:
+            if fleet is not None:
+                await fleet.flush()  # the uploads that finish behind the reads
     return EXIT_OK
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 import anyio
 from anyio.abc import ByteReceiveStream
@@ -17,7 +19,7 @@ from .._hash import Hash
 from .._protocols import Layer
 from .._types import Descriptor
 from .._wrap import LayerWrapper
-from ..remote import Client, TransportError, UnauthorizedError, default_client
+from ..remote import Client, RemoteError, TransportError, default_client
 from ..remote._errors import read_capped
 from ..remote._reference import Reference
 from ..remote._write import Pusher
@@ -97,6 +99,7 @@ class RegistryCache:
         self._no_writes_until = 0.0
         self._warned: set[str] = set()
         self._empty_ready = False
+        self._behind: set[asyncio.Task[None]] = set()
         self._empty_lock = anyio.Lock()
 
     def __repr__(self) -> str:
@@ -122,10 +125,26 @@ class RegistryCache:
             self._down_until = time.monotonic() + self.down_for
         self._warn_once("read", f"fleet {self!r} cannot be read ({exc}); going on without it")
 
+    def behind(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._behind.add(task)
+        task.add_done_callback(self._behind.discard)
+
+    async def flush(self) -> None:
+        """Wait until the uploads that finish behind their reads are done (or failed).
+
+        A read that filled the fleet returns its last chunk as soon as the bytes
+        verified; closing the blob's session and tagging the entry follow. Call
+        this before the client closes (a command does, before it exits).
+        """
+        while self._behind:
+            await asyncio.wait(set(self._behind))
+
     def write_failed(self, h: Hash, exc: BaseException) -> None:
         self.write_errors += 1
-        if isinstance(exc, (UnauthorizedError, TransportError, OSError, TimeoutError)):
-            # Refused (read-only, no push right, a quota) or gone: stop asking for a while.
+        refused = isinstance(exc, RemoteError) and exc.status in (401, 403, 405, 429, 507)
+        if refused or isinstance(exc, (TransportError, OSError, TimeoutError)):
+            # Refused (no push right, read-only, a quota, full) or gone: stop for a while.
             self._no_writes_until = time.monotonic() + self.down_for
         self._warn_once("write", f"fleet {self!r} did not take {h} ({exc}); going on without it")
 
@@ -190,7 +209,16 @@ class RegistryCache:
             self._empty_ready = True
 
     async def tag_entry(self, h: Hash, size: int, media_type: str, kind: str) -> None:
-        await self.put_tag(entry_tag(h), entry_manifest(h, size, media_type, kind))
+        raw = entry_manifest(h, size, media_type, kind)
+        try:
+            await self.put_tag(entry_tag(h), raw)
+        except RemoteError as exc:
+            if exc.status != 400:
+                raise
+            # distribution may not see a blob yet that several machines uploaded at once
+            # (MANIFEST_BLOB_UNKNOWN): once more, a moment later.
+            await anyio.sleep(0.25)
+            await self.put_tag(entry_tag(h), raw)
 
     async def lookup(self, h: Hash) -> EntryInfo | None:
         raw = await self.read_tag(entry_tag(h))
@@ -315,7 +343,7 @@ class RegistryCache:
                     with anyio.move_on_after(self.stall_timeout):
                         try:
                             await held.release()
-                        except FLEET_ERRORS as exc:
+                        except Exception as exc:  # (a closed client too): the claim lapses
                             log.debug("fleet %r: releasing claim on %s: %s", self, h, exc)
 
                 release = release_claim

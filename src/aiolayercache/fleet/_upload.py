@@ -4,7 +4,8 @@ The caller's read drives it: each chunk goes into a small queue that a
 streamed ``PATCH`` drains (a blob up to 4 MiB is sent in one ``PUT`` at the
 end instead). Only after the stream verified (``commit``) is the session
 closed with ``PUT ?digest=`` and the entry's manifest tagged, so the fleet
-never names bytes that were not proven. A fleet that fails or stalls never
+never names bytes that were not proven; that happens behind the read (the
+caller is not held up by it; the cache's ``flush`` waits for it). A fleet that fails or stalls never
 fails the read: the upload is cancelled (``DELETE``), the failure counted
 and warned about once, and the bytes go on to the caller.
 """
@@ -13,8 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Protocol
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from typing import Any, Protocol
 
 import anyio
 from yarl import URL
@@ -26,7 +27,7 @@ from ..remote._write import MONOLITHIC_MAX, Pusher
 __all__ = ["UPLOAD_ERRORS", "Uploads", "UploadSink"]
 
 # Chunks (about 1 MiB each) queued for the PATCH before a write waits for the fleet.
-QUEUE_CHUNKS = 4
+QUEUE_CHUNKS = 8
 # What a failed fleet write raises; anything else is a bug and propagates.
 UPLOAD_ERRORS = (AioLayerCacheError, OSError, TimeoutError, anyio.BrokenResourceError)
 
@@ -45,6 +46,10 @@ class Uploads(Protocol):
 
     def write_failed(self, h: Hash, exc: BaseException) -> None:
         """Count a failed write (and warn about the first)."""
+        ...
+
+    def behind(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` after the read that started it (``flush`` waits for it)."""
         ...
 
 
@@ -124,9 +129,14 @@ class UploadSink:
         return exc if exc is not None else RuntimeError("upload ended early")
 
     async def commit(self) -> None:
+        # The bytes verified: the upload is finished behind the read (the caller gets its
+        # last chunk now), and the entry is tagged once the registry has the blob.
         if self._done:
             return
         self._done = True
+        self._owner.behind(self._finish())
+
+    async def _finish(self) -> None:
         try:
             with anyio.fail_after(self._owner.commit_timeout):
                 pusher = self._pusher = self._pusher or await self._owner.pusher()
@@ -140,7 +150,7 @@ class UploadSink:
                 self._location = None
                 self._parts = []
                 await self._owner.tag_entry(self._h, self._count, self._media_type, self._kind)
-        except UPLOAD_ERRORS as exc:
+        except Exception as exc:  # whatever the fleet did, the read has gone on without it
             await self._cleanup()
             self._owner.write_failed(self._h, exc)
         finally:
