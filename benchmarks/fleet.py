@@ -209,8 +209,10 @@ def machine_main(raw: str) -> None:
     if sys.stdin.readline().strip() != GO:
         raise SystemExit("no go from the parent")
     t0 = time.perf_counter()
+    c0 = time.process_time()
     extra = anyio.run(machine_pull, job, backend="asyncio")
-    print(json.dumps({"seconds": time.perf_counter() - t0, **extra}), flush=True)
+    cpu = time.process_time() - c0
+    print(json.dumps({"seconds": time.perf_counter() - t0, "cpu": cpu, **extra}), flush=True)
 
 
 class Machine:
@@ -316,7 +318,9 @@ class Bench:
     def one(self, refs: list[str], fleet: str | None) -> float:
         m = Machine(self.job(refs, fleet))
         m.go()
-        return float(m.result()["seconds"])
+        r = m.result()
+        self.last_cpu = float(r["cpu"])  # the puller's own CPU seconds (user + system)
+        return float(r["seconds"])
 
     def machines(self, count: int, simultaneous: bool) -> dict[str, Any]:
         """``count`` machines on a fresh fleet, through the far origin and a counting proxy."""
@@ -398,6 +402,7 @@ class Bench:
                     out[name] = self.one(self.refs_near, fleet.host)
                 finally:
                     fleet.stop()
+            out[name.replace("_s", "_cpu")] = self.last_cpu
         print(
             f"  run {i + 1}: far alone {out['far_alone_s']:.2f} s, warm fleet "
             f"{out['warm_fleet_s']:.2f} s; loopback local {out['local_s']:.2f} s, "
@@ -468,6 +473,8 @@ def report(r: dict[str, Any]) -> str:
     loc, tie = med([x["local_s"] for x in runs]), med([x["tiered_s"] for x in runs])
     speedups = [x["far_alone_s"] / x["warm_fleet_s"] for x in runs]
     overheads = [x["tiered_s"] / x["local_s"] for x in runs]
+    lc, tc = med([x["local_cpu"] for x in runs]), med([x["tiered_cpu"] for x in runs])
+    cpu_ratios = [x["tiered_cpu"] / x["local_cpu"] for x in runs]
     errors = sum(
         v["write_errors"] + v["read_errors"] for x in runs for m in ("staggered", "simultaneous")
         for v in x[m].values()
@@ -482,6 +489,8 @@ def report(r: dict[str, Any]) -> str:
         f"| loopback origin, local cache alone | {loc:.2f} | | |",
         f"| loopback origin, tiered(local, cold fleet) | {tie:.2f} | tiered / local = "
         f"{med(overheads):.2f} (runs {', '.join(f'{s:.2f}' for s in overheads)}) | <= 1.15 |",
+        f"| the same, the puller's own CPU s (user + system) | {lc:.2f} / {tc:.2f} | "
+        f"tiered / local = {med(cpu_ratios):.2f} | (what the client adds) |",
         "",
         f"Fleet write and read errors over all machines: {errors}.",
     ]
