@@ -11,6 +11,7 @@ __all__ = [
     "DecompressionError",
     "DigestMismatchError",
     "InvalidDigestError",
+    "CacheReadError",
     "LayerNotFoundError",
     "ManifestError",
     "PlatformNotFoundError",
@@ -90,6 +91,15 @@ class CacheDirectoryError(CacheError):
 
 class CacheWriteError(CacheError):
     """A cache entry could not be written (disk full, quota, I/O error)."""
+
+
+class CacheReadError(CacheError):
+    """A cache could not finish serving an entry it had (a fleet that stopped answering).
+
+    The bytes handed out so far were right but are not all: read the layer
+    again, and the cache (which now knows) sends the reader elsewhere. The
+    layout and tarball writers do so once, as for a :class:`DigestMismatchError`.
+    """
 
 
 class DecompressionError(AioLayerCacheError):

@@ -22,7 +22,7 @@ from anyio.abc import ByteReceiveStream
 
 from . import mutate, partial
 from ._atomic import AtomicFile, fsync_dir, sweep_temps
-from ._errors import DigestMismatchError, first_error
+from ._errors import CacheReadError, DigestMismatchError, first_error
 from ._hash import Hash
 from ._layout_base import REF_NAME, LayoutError, blob_path, inside, read_index_json
 from ._protocols import Image, ImageIndex
@@ -116,9 +116,10 @@ class _Writer:
                 return
             try:
                 await self._put(desc, open_)
-            except DigestMismatchError as exc:
+            except (DigestMismatchError, CacheReadError) as exc:
                 # A source that was proven once and rotted since (a cache entry) has
-                # condemned itself: open it again, which fetches the bytes anew.
+                # condemned itself, or a cache stopped serving it: open it again, which
+                # fetches the bytes anew (elsewhere).
                 log.warning("layout %s: %s; reading %s once more", self.root, exc, h)
                 await self._put(desc, open_)
             self.written += 1

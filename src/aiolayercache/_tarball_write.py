@@ -19,7 +19,7 @@ import anyio
 import anyio.to_thread
 
 from ._atomic import AtomicFile, sweep_temps
-from ._errors import AioLayerCacheError, DigestMismatchError
+from ._errors import AioLayerCacheError, CacheReadError, DigestMismatchError
 from ._hash import Hash
 from ._protocols import Image, Layer
 from ._types import Descriptor
@@ -133,7 +133,7 @@ async def write(
                 start = out.size
                 try:
                     name = await _member(out, desc, layer, written)
-                except DigestMismatchError as exc:
+                except (DigestMismatchError, CacheReadError) as exc:
                     # A source proven once that rotted since (a cache entry) condemned
                     # itself: drop what went in of it and read it once more (fetched anew).
                     log.warning("tarball %s: %s; reading layer %s once more", final, exc, desc)

@@ -7,12 +7,14 @@ that while the owner fills the entry, so a claimer that dies (``kill -9``, a
 lost network) holds the others up for one ``ttl`` at most. A machine that
 finds a live claim of another polls for the entry's tag until it appears
 (then reads it from the fleet) or the claim lapses (then it fetches the
-origin itself). A claim that says it lasts longer than a renewal could make
-it (a clock far ahead, or a hostile writer) is not believed.
+origin itself), the claim lapses, or a minute has passed. A claim that says
+it lasts longer than a renewal could make it (a clock far ahead, or a
+hostile writer) is not believed; a wait of more than five seconds is said.
 
 A registry has no "create if absent", so two machines may claim at once:
-each puts its claim, waits a moment, and reads the tag back; the last put
-wins for both. The race this leaves (a read back before the other's put)
+each puts its claim, waits a moment (twice as long as its own look and put
+took, so a loaded registry gets a longer moment), and reads the tag back;
+the last put wins for both. The race this leaves (a read back before the other's put)
 costs one extra origin fetch, never a wrong byte: entries are verified.
 """
 
@@ -34,10 +36,18 @@ __all__ = ["Claims", "HeldClaim", "Manifests"]
 
 log = logging.getLogger("aiolayercache.fleet")
 
-# Seconds between putting a claim and reading it back (two machines' puts both land).
+# Seconds between putting a claim and reading it back (two machines' puts both land):
+# at least SETTLE, twice what our own look and put took, at most MAX_SETTLE.
 SETTLE = 0.1
-# However a claim is renewed, nobody waits on one entry longer than this.
-MAX_WAIT = 600.0
+MAX_SETTLE = 2.0
+# However a claim is renewed, nobody waits on one entry longer than this (then it fetches
+# the entry itself: a claimer that renews but never finishes costs one minute, once).
+MAX_WAIT = 60.0
+# A claim is believed while it expires within SKEW x ttl (renewals set ttl; the rest is
+# room for clocks that differ).
+SKEW = 1.5
+# A wait longer than this is said (once per fleet cache).
+WAIT_NOTICE = 5.0
 
 
 class Manifests(Protocol):
@@ -57,22 +67,25 @@ class HeldClaim:
         self._claims = claims
         self._h = h
         self.digest = digest
+        self._lock = anyio.Lock()
         self._renewing = asyncio.create_task(self._renew())
 
     async def _renew(self) -> None:
         repo, ttl = self._claims.repo, self._claims.ttl
-        stop = time.monotonic() + MAX_WAIT  # a fill nobody reads or closes: let it lapse
+        stop = time.monotonic() + 600  # a fill nobody reads or closes: let it lapse
         try:
             while time.monotonic() < stop:
                 await anyio.sleep(ttl / 3)
-                raw = claim_manifest(self._claims.owner, time.time() + ttl)
-                old, self.digest = self.digest, await repo.put_tag(claim_tag(self._h), raw)
+                async with self._lock:  # a release waits for a renewal under way
+                    raw = claim_manifest(self._claims.owner, time.time() + ttl)
+                    old, self.digest = self.digest, await repo.put_tag(claim_tag(self._h), raw)
                 await repo.delete_manifest(old)  # (untagged now: only garbage)
         except Exception as exc:  # the claim lapses; the others then fetch themselves
             log.debug("fleet: renewing the claim on %s: %s", self._h, exc)
 
     async def release(self) -> None:
-        self._renewing.cancel()
+        async with self._lock:
+            self._renewing.cancel()
         with contextlib.suppress(BaseException):
             await self._renewing
         await self._claims.repo.delete_manifest(self.digest)
@@ -81,17 +94,19 @@ class HeldClaim:
 class Claims:
     """Claims on entries of one fleet repository, for one process."""
 
-    def __init__(self, repo: Manifests, ttl: float) -> None:
+    def __init__(self, repo: Manifests, ttl: float, max_wait: float = MAX_WAIT) -> None:
         self.repo = repo
         self.ttl = ttl
+        self.max_wait = max_wait
         self.owner = secrets.token_hex(12)
         self.waits = 0  # entries read from the fleet after waiting for another's claim
+        self._noticed = False
 
     async def _current(self, h: Hash) -> Claim | None:
         """The live claim on ``h``, if any and believable."""
         raw = await self.repo.read_tag(claim_tag(h))
         claim = parse_claim(raw) if raw is not None else None
-        if claim is None or not claim.live or claim.expires > time.time() + 2 * self.ttl:
+        if claim is None or not claim.live or claim.expires > time.time() + SKEW * self.ttl:
             return None
         return claim
 
@@ -103,11 +118,16 @@ class Claims:
         from the origin without a claim).
         """
         await self.repo.ready()  # what a claim's manifest needs is there: the put is quick
+        started = time.monotonic()
         held = await self._current(h)
         if held is None:
             raw = claim_manifest(self.owner, time.time() + self.ttl)
             mine = await self.repo.put_tag(claim_tag(h), raw)
-            await anyio.sleep(SETTLE)
+            # Another machine that saw no claim when we did puts its own about as long
+            # after its look as ours took: wait twice that (loaded registries are slow)
+            # before reading back who won.
+            took = time.monotonic() - started
+            await anyio.sleep(min(MAX_SETTLE, max(SETTLE, 2 * took)))
             held = await self._current(h)
             if held is None or held.owner == self.owner:
                 return HeldClaim(self, h, mine)
@@ -116,8 +136,12 @@ class Claims:
     async def _wait(self, h: Hash) -> EntryInfo | None:
         delay = 0.05
         polls = 0
-        give_up = time.monotonic() + MAX_WAIT
+        give_up = time.monotonic() + self.max_wait
+        started = time.monotonic()
         while time.monotonic() < give_up:
+            if not self._noticed and time.monotonic() - started > WAIT_NOTICE:
+                self._noticed = True
+                log.warning("fleet: waiting for another machine's fill of %s (its claim)", h)
             info = await self.repo.lookup(h)
             if info is not None:
                 self.waits += 1

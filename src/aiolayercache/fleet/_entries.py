@@ -7,6 +7,12 @@ retention rules can expire the tags by pattern and age). The manifest's
 config is the OCI empty descriptor (``{}``). Annotations say what the entry
 is (``compressed``, ``uncompressed`` or ``config``) and its media type.
 
+A quarantine (``bad-sha256-<hex>``, the same shape as a claim, expiring a
+day later) marks an entry whose stored bytes failed their digest: the
+registry keeps a blob it has under its digest (a new upload of the right
+bytes does not replace it) until its garbage collection removes it, so the
+entry is not tagged again meanwhile.
+
 A claim (``claim-sha256-<hex>``) is a manifest without layers that says one
 process is filling ``h`` until a time: others wait for the entry instead of
 fetching the same bytes from the origin at once.
@@ -36,6 +42,7 @@ __all__ = [
     "hash_of_tag",
     "parse_claim",
     "parse_entry",
+    "quarantine_tag",
 ]
 
 EMPTY = b"{}"
@@ -58,6 +65,10 @@ def entry_tag(h: Hash) -> str:
 
 def claim_tag(h: Hash) -> str:
     return f"claim-{h.algorithm}-{h.hex}"
+
+
+def quarantine_tag(h: Hash) -> str:
+    return f"bad-{h.algorithm}-{h.hex}"
 
 
 def hash_of_tag(tag: str) -> Hash | None:

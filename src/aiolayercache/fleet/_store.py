@@ -13,7 +13,6 @@ import anyio
 from anyio.abc import ByteReceiveStream
 from yarl import URL
 
-from .. import partial
 from .._errors import AioLayerCacheError, LayerNotFoundError
 from .._hash import Hash
 from .._protocols import Layer
@@ -31,12 +30,16 @@ from ._entries import (
     EMPTY_MEDIA_TYPE,
     MANIFEST_TYPE,
     EntryInfo,
+    claim_manifest,
     entry_manifest,
     entry_tag,
     hash_of_tag,
     kind_of,
+    parse_claim,
     parse_entry,
+    quarantine_tag,
 )
+from ._read import fleet_layer, open_entry
 from ._upload import UploadSink
 
 __all__ = ["RegistryCache"]
@@ -47,6 +50,9 @@ log = logging.getLogger("aiolayercache.fleet")
 CLAIM_MIN = 1024 * 1024
 MAX_ENTRY_MANIFEST = 64 * 1024
 MAX_TAG_LIST = 64 * 1024 * 1024
+MAX_TAG_PAGES = 10_000
+# Seconds an entry whose stored bytes failed their digest stays untagged.
+QUARANTINE = 86400.0
 # What a fleet that cannot be read raises (a refused request, no answer, a malformed manifest).
 FLEET_ERRORS = (AioLayerCacheError, OSError, TimeoutError)
 
@@ -81,6 +87,7 @@ class RegistryCache:
         client: Client | None = None,
         claims: bool = True,
         claim_ttl: float = 10.0,
+        claim_max_wait: float = 60.0,
         stall_timeout: float = 10.0,
         commit_timeout: float = 60.0,
         down_for: float = 30.0,
@@ -88,7 +95,7 @@ class RegistryCache:
     ) -> None:
         self.repo = Reference.parse(repo) if isinstance(repo, str) else repo
         self._client = client
-        self.claims = Claims(self, claim_ttl) if claims else None
+        self.claims = Claims(self, claim_ttl, claim_max_wait) if claims else None
         self.stall_timeout = stall_timeout
         self.commit_timeout = commit_timeout
         self.down_for = down_for
@@ -119,11 +126,12 @@ class RegistryCache:
             self._warned.add(kind)
             log.warning("%s", msg)
 
-    def _unreadable(self, exc: BaseException) -> None:
+    def unreadable(self, exc: BaseException, *, down: bool = False) -> None:
         self.read_errors += 1
-        if isinstance(exc, (OSError, TimeoutError, TransportError)):
+        if down or isinstance(exc, (OSError, TimeoutError, TransportError)):
             self._down_until = time.monotonic() + self.down_for
-        self._warn_once("read", f"fleet {self!r} cannot be read ({exc}); going on without it")
+        why = str(exc) or type(exc).__name__
+        self._warn_once("read", f"fleet {self!r} cannot be read ({why}); going on without it")
 
     def behind(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work)
@@ -146,7 +154,8 @@ class RegistryCache:
         if refused or isinstance(exc, (TransportError, OSError, TimeoutError)):
             # Refused (no push right, read-only, a quota, full) or gone: stop for a while.
             self._no_writes_until = time.monotonic() + self.down_for
-        self._warn_once("write", f"fleet {self!r} did not take {h} ({exc}); going on without it")
+        why = str(exc) or type(exc).__name__
+        self._warn_once("write", f"fleet {self!r} did not take {h} ({why}); going on without it")
 
     @property
     def down(self) -> bool:
@@ -180,7 +189,16 @@ class RegistryCache:
 
     async def put_tag(self, tag: str, raw: bytes) -> Hash:
         await self.ready()
-        await (await self.pusher()).manifest(tag, raw, MANIFEST_TYPE)
+        pusher = await self.pusher()
+        try:
+            await pusher.manifest(tag, raw, MANIFEST_TYPE)
+        except RemoteError as exc:
+            if exc.status != 400:
+                raise
+            # distribution may not see yet a blob that several machines uploaded at once
+            # (MANIFEST_BLOB_UNKNOWN, DIGEST_INVALID): once more, a moment later.
+            await anyio.sleep(0.25)
+            await pusher.manifest(tag, raw, MANIFEST_TYPE)
         return Hash.of(raw)
 
     async def delete_manifest(self, digest: Hash) -> None:
@@ -209,16 +227,12 @@ class RegistryCache:
             self._empty_ready = True
 
     async def tag_entry(self, h: Hash, size: int, media_type: str, kind: str) -> None:
-        raw = entry_manifest(h, size, media_type, kind)
-        try:
-            await self.put_tag(entry_tag(h), raw)
-        except RemoteError as exc:
-            if exc.status != 400:
-                raise
-            # distribution may not see a blob yet that several machines uploaded at once
-            # (MANIFEST_BLOB_UNKNOWN): once more, a moment later.
-            await anyio.sleep(0.25)
-            await self.put_tag(entry_tag(h), raw)
+        bad = await self.read_tag(quarantine_tag(h))
+        held = parse_claim(bad) if bad is not None else None
+        if held is not None and held.live:
+            log.debug("fleet %r: %s is quarantined; not tagged", self, h)
+            return
+        await self.put_tag(entry_tag(h), entry_manifest(h, size, media_type, kind))
 
     async def lookup(self, h: Hash) -> EntryInfo | None:
         raw = await self.read_tag(entry_tag(h))
@@ -236,51 +250,24 @@ class RegistryCache:
             try:
                 info = await self.lookup(h)
             except FLEET_ERRORS as exc:  # unreachable, refused, or a malformed entry manifest
-                self._unreadable(exc)
+                self.unreadable(exc)
         if info is None:
             raise LayerNotFoundError(f"{h} is not in {self!r}")
-        return self._layer(info)
+        return fleet_layer(self, info)
 
-    def _layer(self, info: EntryInfo) -> Layer:
-        desc = Descriptor(media_type=info.media_type, size=info.size, digest=info.digest)
-
-        async def opener() -> ByteReceiveStream:
-            return await self._open(desc)
-
-        if info.kind == "uncompressed":
-            return partial.uncompressed_layer(
-                opener, diff_id=info.digest, media_type=info.media_type
-            )
-        return partial.compressed_layer(
-            opener, digest=info.digest, size=info.size, media_type=info.media_type
-        )
-
-    async def _open(self, desc: Descriptor) -> ByteReceiveStream:
-        c = await self.client()
-        h = desc.digest
-
-        async def condemn() -> None:
-            # Bytes that fail their digest: the tag goes, so the next read misses and
-            # fetches from the origin (the registry keeps its blob until it is collected).
-            self._warn_once("corrupt", f"fleet {self!r}: entry {h} failed its digest; dropped")
-            with anyio.move_on_after(self.stall_timeout):
-                try:
-                    raw = await self.read_tag(entry_tag(h))
-                    if raw is not None:
-                        await self.delete_manifest(Hash.of(raw))
-                except FLEET_ERRORS as exc:
-                    log.debug("fleet %r: dropping %s: %s", self, h, exc)
-
-        inner = await c.open_blob(self.repo, desc)
-        return VerifyingStream(
-            inner,
-            h,
-            desc.size,
-            what=f"fleet entry {self.repo.context}@{h}",
-            on_mismatch=condemn,
-            from_cache=True,
-            tier=self.label,
-        )
+    async def drop(self, h: Hash, why: str) -> None:
+        """Delete entry ``h``'s tag (its bytes are wrong for good) and quarantine it for a
+        day (see ``_entries``); never raises."""
+        self._warn_once("corrupt", f"fleet {self!r}: entry {h} dropped: {why}")
+        with anyio.move_on_after(self.stall_timeout):
+            try:
+                bad = claim_manifest("quarantine", time.time() + QUARANTINE)
+                await self.put_tag(quarantine_tag(h), bad)
+                raw = await self.read_tag(entry_tag(h))
+                if raw is not None:
+                    await self.delete_manifest(Hash.of(raw))
+            except FLEET_ERRORS as exc:
+                log.debug("fleet %r: dropping %s: %s", self, h, exc)
 
     async def put(self, layer: Layer) -> Layer:
         """A layer whose streams upload to the fleet as they are read (lazily)."""
@@ -298,7 +285,11 @@ class RegistryCache:
         c = await self.client()
         found: list[Hash] = []
         path: str | URL | None = f"/v2/{self.repo.repository}/tags/list"
+        seen: set[str] = set()
         while path is not None:
+            if str(path) in seen or len(seen) >= MAX_TAG_PAGES:
+                raise RemoteError(f"{self!r}: the tag list's pages do not end")
+            seen.add(str(path))
             resp = await c.request(
                 self.repo, "GET", path, ok=(200, 404), what=f"tags of {self.repo.context}"
             )
@@ -313,6 +304,8 @@ class RegistryCache:
                 if h is not None:
                     found.append(h)
             path = URL(str(nxt["url"])) if nxt and "url" in nxt else None
+            if path is not None and path.is_absolute() and path.authority != self.repo.endpoint:
+                raise RemoteError(f"{self!r}: the tag list's next page is on another host")
         return found
 
     async def fill(
@@ -330,11 +323,10 @@ class RegistryCache:
                 return await upstream()
             if isinstance(got, EntryInfo):
                 try:
-                    return await self._open(
-                        Descriptor(media_type=got.media_type, size=got.size, digest=h)
+                    return await open_entry(
+                        self, Descriptor(media_type=got.media_type, size=got.size, digest=h)
                     )
-                except FLEET_ERRORS as exc:
-                    self._unreadable(exc)
+                except LayerNotFoundError:
                     return await upstream()
             if got is not None:
                 held = got
