@@ -38,7 +38,7 @@ from aiolayercache.remote import (
 )
 
 from .conftest import USERS, Published
-from .registry import FaultProxy, Registry, free_port, start_registry
+from .registry import FaultProxy, Registry, free_port, running_proxy, start_registry
 
 pytestmark = pytest.mark.anyio
 
@@ -157,6 +157,26 @@ async def test_a_mirror_that_is_down_falls_back_to_the_origin(
         retry=FAST, registries_conf=False, docker_config=False, mirrors={proxy.address: [dead]}
     ) as c:
         await pull_into_layout(c, f"{proxy.address}/test/small:v1", tmp_path / "out")
+    served = {p.partition(" ")[2] for p in proxy.stats.requests if p.startswith("GET ")}
+    assert blob_paths(published.small, "test/small") <= served
+
+
+async def test_a_mirror_that_hangs_costs_seconds_not_the_clients_retries(
+    proxy: FaultProxy, registry: Registry, published: Published, tmp_path: Path
+) -> None:
+    import time
+
+    with running_proxy(registry.host) as hung:
+        hung.add("/v2/", "delay", 120, times=10_000, method=None)  # answers nothing
+        started = time.monotonic()
+        async with Client(
+            registries_conf=False, docker_config=False, mirrors={proxy.address: [hung.address]}
+        ) as c:
+            with anyio.fail_after(60):
+                await pull_into_layout(c, f"{proxy.address}/test/small:v1", tmp_path / "out")
+        took = time.monotonic() - started
+    # One wait of MIRROR_TIMEOUT (10 s), then the mirror is skipped for every request.
+    assert took < 25, took
     served = {p.partition(" ")[2] for p in proxy.stats.requests if p.startswith("GET ")}
     assert blob_paths(published.small, "test/small") <= served
 
@@ -361,6 +381,7 @@ async def test_wildcard_prefix_matches_subdomains(tmp_path: Path) -> None:
     ("text", "complaint"),
     [
         ("[[registry]\nprefix = 'x'", "not valid TOML"),
+        ("x = " + "[" * 100_000 + "]" * 100_000 + "\n", "nested too deeply"),
         (
             "[[registry]]\nlocation = 'a.example'\n[[registry.mirror]]\n"
             "location = 'm.example'\npull-from-mirror = 'sometimes'\n",

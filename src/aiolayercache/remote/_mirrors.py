@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import aiohttp
+import anyio
 from anyio.abc import ByteReceiveStream
 from yarl import URL
 
@@ -62,6 +63,16 @@ log = logging.getLogger("aiolayercache.remote")
 MIRROR_DOWN_SECONDS = 30.0
 MAX_ROUTES = 4096
 SMALL_BLOB = 1 << 20  # read whole from a mirror and verified before it is handed out
+# Seconds a mirror may take to answer (headers; a small blob whole) before the next
+# endpoint is tried: a mirror that hangs costs this, not the client's retries.
+MIRROR_TIMEOUT = 10.0
+
+
+def _named(exc: Exception) -> Exception:
+    """``exc``, or a RemoteError saying what a bare timeout was."""
+    if isinstance(exc, TimeoutError):  # (down: skipped for a while, as a refused one)
+        return TransportError(f"no answer within {MIRROR_TIMEOUT:g} s")
+    return exc
 
 
 class BlockedError(RemoteError):
@@ -285,15 +296,16 @@ class Router:
             if not self._usable(ep, expect):
                 continue
             try:
-                return await manifest_at(client, ep.ref, ref, identifier, expect, ep.query)
+                with anyio.fail_after(MIRROR_TIMEOUT if ep.mirror else None):
+                    return await manifest_at(client, ep.ref, ref, identifier, expect, ep.query)
             except DigestMismatchError as exc:
                 if not ep.mirror or expect is None:
                     raise
                 self.condemn(ep, expect, exc)
-            except (RemoteError, ManifestError) as exc:
+            except (RemoteError, ManifestError, TimeoutError) as exc:
                 if not ep.mirror:
                     raise
-                self._failed(ep, f"manifest {identifier}", exc)
+                self._failed(ep, f"manifest {identifier}", _named(exc))
         raise AssertionError("unreachable: the origin is always tried")  # pragma: no cover
 
     async def open_blob(
@@ -310,14 +322,15 @@ class Router:
             # any byte is handed out, so wrong bytes cost no caller a retry.
             while eps[0].mirror:
                 try:
-                    stream = BlobStream(_Blobs(client, self, eps[:1], what), ref, desc)
-                    await stream.start()
-                    v = VerifyingStream(stream, desc.digest, desc.size, what=what)
-                    data = await read_all(v)
+                    with anyio.fail_after(MIRROR_TIMEOUT):
+                        stream = BlobStream(_Blobs(client, self, eps[:1], what), ref, desc)
+                        await stream.start()
+                        v = VerifyingStream(stream, desc.digest, desc.size, what=what)
+                        data = await read_all(v)
                 except DigestMismatchError as exc:
                     self.condemn(eps[0], desc.digest, exc)
-                except RemoteError as exc:
-                    self._failed(eps[0], what, exc)
+                except (RemoteError, TimeoutError) as exc:
+                    self._failed(eps[0], what, _named(exc))
                 else:
                     return VerifyingStream(BytesStream(data), desc.digest, desc.size, what=what)
                 eps.pop(0)
@@ -373,19 +386,20 @@ class _Blobs:
         while True:
             ep = self._eps[0]
             try:
-                resp = await self._client.request(
-                    ep.ref,
-                    "GET",
-                    f"/v2/{ep.ref.repository}/blobs/{desc.digest}",
-                    headers=headers,
-                    ok=(200, 206),
-                    what=self.what,
-                    query=ep.query,
-                )
-            except RemoteError as exc:
+                with anyio.fail_after(MIRROR_TIMEOUT if ep.mirror else None):
+                    resp = await self._client.request(
+                        ep.ref,
+                        "GET",
+                        f"/v2/{ep.ref.repository}/blobs/{desc.digest}",
+                        headers=headers,
+                        ok=(200, 206),
+                        what=self.what,
+                        query=ep.query,
+                    )
+            except (RemoteError, TimeoutError) as exc:
                 if not ep.mirror or len(self._eps) == 1:
                     raise
-                self._router._failed(ep, self.what, exc)
+                self._router._failed(ep, self.what, _named(exc))
                 self.skip()
                 continue
             if ep.mirror and ep not in self.used:

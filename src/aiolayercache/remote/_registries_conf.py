@@ -217,6 +217,8 @@ def parse_conf(text: str, source: str) -> list[RegistryEntry]:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise _fail(source, f"not valid TOML: {exc}") from None
+    except RecursionError:  # tomllib recurses per nesting level
+        raise _fail(source, "not valid TOML: nested too deeply") from None
     tables = doc.get("registry", [])
     if not isinstance(tables, list):
         raise _fail(source, "registry must be an array of tables ([[registry]])")
