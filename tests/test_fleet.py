@@ -416,6 +416,9 @@ async def test_a_dead_claimer_holds_the_others_up_one_ttl_at_most(fleet: Registr
         assert got == await read_all(await layer.compressed())
         assert 1.0 <= waited <= 6, waited  # waited for the claim to lapse, then fetched
         assert (await f.get(h)) is not None  # and filled the fleet itself
+        from aiolayercache.fleet._entries import claim_tag
+
+        assert await f.read_tag(claim_tag(h)) is None  # the dead claim's tag is gone too
 
 
 async def test_a_claim_from_the_far_future_is_not_believed(fleet: Registry) -> None:

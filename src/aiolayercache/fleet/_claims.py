@@ -118,20 +118,24 @@ class Claims:
         from the origin without a claim).
         """
         await self.repo.ready()  # what a claim's manifest needs is there: the put is quick
-        started = time.monotonic()
-        held = await self._current(h)
-        if held is None:
-            raw = claim_manifest(self.owner, time.time() + self.ttl)
-            mine = await self.repo.put_tag(claim_tag(h), raw)
-            # Another machine that saw no claim when we did puts its own about as long
-            # after its look as ours took: wait twice that (loaded registries are slow)
-            # before reading back who won.
-            took = time.monotonic() - started
-            await anyio.sleep(min(MAX_SETTLE, max(SETTLE, 2 * took)))
+        for _ in range(2):  # a second round after a claim lapsed: claim it (and clean up)
+            started = time.monotonic()
             held = await self._current(h)
-            if held is None or held.owner == self.owner:
-                return HeldClaim(self, h, mine)
-        return await self._wait(h)
+            if held is None:
+                raw = claim_manifest(self.owner, time.time() + self.ttl)
+                mine = await self.repo.put_tag(claim_tag(h), raw)
+                # Another machine that saw no claim when we did puts its own about as long
+                # after its look as ours took: wait twice that (loaded registries are
+                # slow) before reading back who won.
+                took = time.monotonic() - started
+                await anyio.sleep(min(MAX_SETTLE, max(SETTLE, 2 * took)))
+                held = await self._current(h)
+                if held is None or held.owner == self.owner:
+                    return HeldClaim(self, h, mine)
+            info = await self._wait(h)
+            if info is not None:
+                return info
+        return None
 
     async def _wait(self, h: Hash) -> EntryInfo | None:
         delay = 0.05
@@ -150,7 +154,7 @@ class Claims:
             delay = min(delay * 1.5, 1.0)
             polls += 1
             if polls % 4 == 0 and await self._current(h) is None:
-                break  # the claimer finished, gave up or died: look once more, then fetch
+                break  # the claimer finished, gave up or died: look once more
         info = await self.repo.lookup(h)
         if info is not None:
             self.waits += 1
