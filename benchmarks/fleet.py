@@ -436,6 +436,28 @@ def med(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
+def key_figures(r: dict[str, Any]) -> dict[str, float]:
+    """The figures the issue sets targets for (medians over runs; the worst machine count)."""
+    runs = r["runs"]
+    counts = sorted({int(c) for c in runs[0]["staggered"]})
+
+    def worst(mode: str) -> float:
+        return max(med([run[mode][c]["origin_ratio"] for run in runs]) for c in counts)
+
+    return {
+        "machines": float(max(counts)),
+        "staggered": worst("staggered"),
+        "simultaneous": worst("simultaneous"),
+        "far_s": med([x["far_alone_s"] for x in runs]),
+        "warm_s": med([x["warm_fleet_s"] for x in runs]),
+        "speedup": med([x["far_alone_s"] / x["warm_fleet_s"] for x in runs]),
+        "local_s": med([x["local_s"] for x in runs]),
+        "tiered_s": med([x["tiered_s"] for x in runs]),
+        "overhead": med([x["tiered_s"] / x["local_s"] for x in runs]),
+        "cpu_overhead": med([x["tiered_cpu"] / x["local_cpu"] for x in runs]),
+    }
+
+
 def report(r: dict[str, Any]) -> str:
     runs = r["runs"]
     n = len(runs)
@@ -505,6 +527,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rate-mb", type=float, default=50.0, help="far link, MB/s (10^6 bytes)")
     p.add_argument("--delay-ms", type=float, default=20.0, help="far link, added per request")
     p.add_argument("--dir", default=None, help="where the temp dirs go (default: system temp)")
+    p.add_argument("--json", default=None, help=f"results file (default {RESULTS})")
     p.add_argument("--machine", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.machines = [int(x) for x in str(args.machines).split(",")]
@@ -519,9 +542,11 @@ def run(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     r = main(args)
     r["total_s"] = time.perf_counter() - t0
+    r["key_figures"] = key_figures(r)
     print(report(r))
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(r, indent=2))
+    out = Path(args.json) if args.json else RESULTS
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(r, indent=2))
 
 
 if __name__ == "__main__":

@@ -38,7 +38,10 @@ Scenarios:
    and 32 pulls; ours in-process is the child's ``VmHWM``; CLI and skopeo
    are measured by GNU time (``%M``);
 9  ``benchmarks/tee.py`` (the cost of reading through the cache, and warm
-   reads), run as it is, and CLI start-up: ``aiolayercache --help``.
+   reads), run as it is, and CLI start-up: ``aiolayercache --help``;
+10 ``benchmarks/fleet.py`` (machines sharing a fleet tier: origin bytes per
+   unique byte, a cold machine with a warm fleet, the fleet tier's cost),
+   run as it is (``--quick``: 1 and 4 machines, a 16 MiB base).
 
 "Flat" in 8 is read as: peak RSS at 32 pulls at most 1.25 x that at one
 pull. Each contender's median wall time, CPU time and peak RSS are listed
@@ -93,7 +96,7 @@ PLATFORMS = [
     "linux/s390x",
     "linux/riscv64",
 ]
-SCENARIOS = [str(i) for i in range(1, 10)]
+SCENARIOS = [str(i) for i in range(1, 11)]
 GNU_TIME = "/usr/bin/time"
 NOISY = 0.25  # (max - min) / median above this (and over 10 ms) marks samples as noisy
 FLAT = 1.25  # "flat as concurrency grows": peak RSS at the most pulls / at one pull
@@ -735,6 +738,39 @@ class Suite:
         )
         self.ratio_row("8", f"time, {what}: in-process", s["ours"], s["skopeo"], None)
 
+    # --- scenario 10: fleet.py (machines sharing a fleet tier) --------------------------------
+
+    def scenario_10(self) -> None:
+        quick = self.sizes.tee_mib < 256
+        machines, base = ("1,4", 16) if quick else ("1,4,8", 64)
+        print(f"scenario 10: fleet.py (machines {machines}, {base} MiB base)", flush=True)
+        out = self.args.json.parent / "fleet.json"
+        cmd = [self.python, str(ROOT / "benchmarks" / "fleet.py"), "--runs", str(self.runs)]
+        cmd += ["--machines", machines, "--base-mib", str(base), "--dir", str(self.base)]
+        cmd += ["--json", str(out)]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"fleet.py failed:\n{proc.stderr[-4000:]}")
+        k = json.loads(out.read_text())["key_figures"]
+        self.data["10 fleet.py"] = k
+        m = int(k["machines"])
+        self.rows += [
+            Row("10", f"fleet: origin bytes / unique, up to {m} machines one after another",
+                f"{k['staggered']:.3f}", "-", f"{k['staggered']:.3f}", "= 1.00",
+                k["staggered"] <= 1.0005),
+            Row("10", f"fleet: origin bytes / unique, up to {m} machines at once",
+                f"{k['simultaneous']:.3f}", "-", f"{k['simultaneous']:.3f}", "<= 1.5",
+                k["simultaneous"] <= 1.5),
+            Row("10", "fleet: far origin alone / a cold machine with a warm fleet (time)",
+                secs(k["warm_s"]), f"far {secs(k['far_s'])}", f"{k['speedup']:.2f}", ">= 4",
+                k["speedup"] >= 4),
+            Row("10", "fleet: tiered(local, cold fleet) / local cache alone, loopback origin",
+                secs(k["tiered_s"]), f"local {secs(k['local_s'])}", f"{k['overhead']:.2f}",
+                "<= 1.15", k["overhead"] <= 1.15),
+            Row("10", "fleet: the same, the puller's own CPU", "-", "-",
+                f"{k['cpu_overhead']:.2f}", "-", None),
+        ]  # fmt: skip
+
     # --- scenario 9: tee.py and start-up --------------------------------------------------
 
     def scenario_9(self) -> None:
@@ -827,6 +863,8 @@ class Suite:
             self.scenario_8()
         if "9" in only:
             self.scenario_9()
+        if "10" in only:
+            self.scenario_10()
 
 
 def table(rows: list[Row]) -> str:

@@ -218,3 +218,22 @@ def proxy(_session_proxy: FaultProxy) -> Iterator[FaultProxy]:
     _session_proxy.reset()
     yield _session_proxy
     _session_proxy.reset()
+
+
+# --- the fleet tier (tests/test_fleet*.py) -------------------------------------------------
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[Registry]:
+    """A fleet store: a registry of its own (storage under tmp_path), for one test."""
+    _need_registry()
+    reg = start_registry(tmp_path / "fleet-work", tmp_path / "fleet-data")
+    yield reg
+    reg.stop()
+
+
+@pytest.fixture
+def origin(registry: Registry, published: Published) -> Iterator[FaultProxy]:
+    """The session's registry (with the test images) behind a counting fault proxy."""
+    with running_proxy(registry.host) as px:
+        yield px

@@ -12,7 +12,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
@@ -37,20 +36,6 @@ from .registry import (
 )
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def fleet(tmp_path: Path) -> Iterator[Registry]:
-    _need_registry()
-    reg = start_registry(tmp_path / "fleet-work", tmp_path / "fleet-data")
-    yield reg
-    reg.stop()
-
-
-@pytest.fixture
-def origin(registry: Registry, published: Published) -> Iterator[FaultProxy]:
-    with running_proxy(registry.host) as px:
-        yield px
 
 
 def blob_gets(px: FaultProxy) -> dict[str, int]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
@@ -26,27 +25,13 @@ from aiolayercache.fleet._entries import (
 )
 from aiolayercache.remote import Client, RemoteError
 
-from .conftest import Published, _need_registry
-from .registry import FaultProxy, Registry, running_proxy, start_registry
+from .conftest import Published
+from .registry import FaultProxy, Registry, running_proxy
 from .test_fleet import blob_data, blob_gets, pull_into
 
 pytestmark = pytest.mark.anyio
 
 REPO = "layer-cache"
-
-
-@pytest.fixture
-def fleet(tmp_path: Path) -> Iterator[Registry]:
-    _need_registry()
-    reg = start_registry(tmp_path / "fleet-work", tmp_path / "fleet-data")
-    yield reg
-    reg.stop()
-
-
-@pytest.fixture
-def origin(registry: Registry, published: Published) -> Iterator[FaultProxy]:
-    with running_proxy(registry.host) as px:
-        yield px
 
 
 async def warm(fleet_host: str, ref: str, tmp_path: Path) -> None:

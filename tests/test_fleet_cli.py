@@ -3,28 +3,13 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from .conftest import Published, _need_registry
-from .registry import FaultProxy, Registry, running_proxy, start_registry
+from .conftest import Published
+from .registry import FaultProxy, Registry
 from .test_cli import run
-
-
-@pytest.fixture
-def fleet(tmp_path: Path) -> Iterator[Registry]:
-    _need_registry()
-    reg = start_registry(tmp_path / "fleet-work", tmp_path / "fleet-data")
-    yield reg
-    reg.stop()
-
-
-@pytest.fixture
-def origin(registry: Registry, published: Published) -> Iterator[FaultProxy]:
-    with running_proxy(registry.host) as px:
-        yield px
 
 
 def tiers(out: str) -> tuple[int, int, int, int]:
