@@ -27,13 +27,15 @@ from .._types import (
 from .._wrap import ImageWrapper, IndexWrapper, LayerWrapper
 from ..partial import ConfigLayer, _nested_depth
 from ..streams import drain, read_all
-from ._base import Cache, StoredSize
+from ._base import Cache, CacheStats, StoredSize
 from ._fs import EntryInfo, FilesystemCache, VerifyReport
 from ._memory import MemoryCache
-from ._tiered import Labelled, TieredCache, TierHit, tiered
+from ._tiered import Counted, Labelled, TieredCache, TierHit, tiered
 
 __all__ = [
     "Cache",
+    "CacheStats",
+    "Counted",
     "EntryInfo",
     "FilesystemCache",
     "Labelled",

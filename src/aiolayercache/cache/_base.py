@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from .._hash import Hash
 from .._protocols import Layer
 
-__all__ = ["Cache", "StoredSize"]
+__all__ = ["Cache", "CacheStats", "StoredSize"]
 
 
 @runtime_checkable
@@ -32,3 +33,18 @@ class StoredSize(Protocol):
     async def stored_size(self) -> int:
         """The bytes of the entry, as stored."""
         ...
+
+
+@dataclass(slots=True)
+class CacheStats:
+    """What a cache did since it was made: ``hits`` and ``misses`` of lookups (``get``),
+    ``bytes_served`` from entries, ``bytes_written`` into committed entries,
+    ``evictions`` (entries a bounded cache removed), ``write_errors`` (entries that
+    could not be kept; their reads went on)."""
+
+    hits: int = 0
+    misses: int = 0
+    bytes_served: int = 0
+    bytes_written: int = 0
+    evictions: int = 0
+    write_errors: int = 0

@@ -37,6 +37,8 @@ from .._hash import Hash
 from .._protocols import Layer
 from ..streams import FileStream, VerifyingStream
 from . import _upkeep
+from ._base import CacheStats
+from ._bound import Budget
 from ._flight import FLIGHTS, OPENING, EntryLocks, Flight, unlock
 from ._layers import TeeLayer, cached_layer
 from ._proofs import Meta, ProofStore
@@ -76,10 +78,17 @@ class FilesystemCache:
         *,
         durability: Durability = "full",
         stalled_fill_timeout: float = 60.0,
+        max_bytes: int | None = None,
     ) -> None:
         if durability not in ("full", "fast"):
             raise ValueError(f"durability must be 'full' or 'fast', not {durability!r}")
+        if max_bytes is not None and max_bytes < 1:
+            raise ValueError(f"max_bytes must be at least 1, not {max_bytes}")
         self.path = Path(path)
+        self.max_bytes = max_bytes
+        self._stats = CacheStats()
+        self._budget: Budget | None = None
+        self._warned_big = False
         self.durability: Durability = durability
         self.stalled_fill_timeout = stalled_fill_timeout
         self.write_errors = 0
@@ -160,6 +169,10 @@ class FilesystemCache:
         swept = len(sweep_temps(tmpdir))  # temp files of writers that died (lock free)
         self._store = self._store_at(root, tmpdir)
         self._locks = EntryLocks(self.path, os.path.join(root, _STATE_DIR, "locks"), tmpdir)
+        if self.max_bytes is not None and self._budget is None:
+            self._budget = Budget(self._store, os.path.join(root, _STATE_DIR), self.max_bytes)
+            with self._budget.lock:
+                self._budget.refresh()
         return swept
 
     # --- upkeep --------------------------------------------------------------------
@@ -229,6 +242,8 @@ class FilesystemCache:
             meta = await anyio.to_thread.run_sync(store.lookup, h)
         if meta is not None:
             store.note_use(store.entry(h))
+            if self._budget is not None:
+                self._budget.used(h)
         return meta
 
     async def _open_entry(self, h: Hash, meta: Meta) -> ByteReceiveStream:
@@ -247,6 +262,7 @@ class FilesystemCache:
             log.warning("cache %s: entry %s changed after it was verified; removed", self.path, h)
             await anyio.to_thread.run_sync(store.remove_if_same, entry, st)
 
+        self._stats.bytes_served += meta.size
         # While the proof holds, a consumer that copies whole files may copy this one by
         # descriptor (StreamAttribute.proven_file); it hashes what lands all the same.
         return VerifyingStream(
@@ -292,6 +308,20 @@ class FilesystemCache:
         self.write_errors += 1
         log.warning("cache %s: not caching %s: %s", self.path, h, exc)
 
+    def _committed(self, h: Hash, size: int) -> None:
+        """(A worker thread, right after an entry's rename.) Count it; keep the bound."""
+        self._stats.bytes_written += size
+        if self._budget is not None:
+            self._budget.committed(h, size)
+
+    def stats(self) -> CacheStats:
+        """What this cache object did since it was made (see :class:`CacheStats`)."""
+        s = self._stats
+        evictions = self._budget.evictions if self._budget is not None else 0
+        return CacheStats(
+            s.hits, s.misses, s.bytes_served, s.bytes_written, evictions, self.write_errors
+        )
+
     async def fill(
         self,
         h: Hash,
@@ -308,6 +338,18 @@ class FilesystemCache:
         """
         store = await self._ready()
         assert self._locks is not None
+        if self.max_bytes is not None and size is not None and size > self.max_bytes:
+            if not self._warned_big:
+                self._warned_big = True
+                log.warning(
+                    "cache %s: %s (%d bytes) is bigger than the cache's bound (%d); read uncached",
+                    self.path,
+                    h,
+                    size,
+                    self.max_bytes,
+                )
+            stream = await self.open_committed(h)
+            return stream if stream is not None else await open_upstream()
         key = (id(asyncio.get_running_loop()), store.entry(h))
         while True:
             flight = FLIGHTS.get(key)
@@ -355,7 +397,14 @@ class FilesystemCache:
             OPENING.reset(opening)
         durable = self.durability == "full"
         sink = EntrySink(
-            store, h, info, flight, lock_fd, durable=durable, on_error=self._write_error
+            store,
+            h,
+            info,
+            flight,
+            lock_fd,
+            durable=durable,
+            on_error=self._write_error,
+            on_commit=self._committed,
         )
         try:
             await sink.open()
@@ -377,7 +426,9 @@ class FilesystemCache:
         """The cached layer stored under ``h`` (a digest or a diff_id)."""
         meta = await self._lookup(h)
         if meta is None:
+            self._stats.misses += 1
             raise LayerNotFoundError(f"{h} is not in cache {self.path}")
+        self._stats.hits += 1
         return cached_layer(self, h, meta)
 
     async def delete(self, h: Hash) -> None:

@@ -15,6 +15,7 @@ from .._protocols import Layer
 from .._types import MediaType
 from .._wrap import LayerWrapper
 from ..streams import BytesStream, VerifyingStream, sniff
+from ._base import CacheStats
 
 __all__ = ["MemoryCache"]
 
@@ -35,6 +36,7 @@ class MemoryCache:
         self.max_bytes = max_bytes
         self._entries: OrderedDict[Hash, _Entry] = OrderedDict()
         self._total = 0
+        self._stats = CacheStats()
 
     def __repr__(self) -> str:
         return f"MemoryCache({len(self._entries)} entries, {self._total} bytes)"
@@ -46,6 +48,11 @@ class MemoryCache:
     def total_bytes(self) -> int:
         return self._total
 
+    def stats(self) -> CacheStats:
+        """What this cache did since it was made (see :class:`CacheStats`)."""
+        s = self._stats
+        return CacheStats(s.hits, s.misses, s.bytes_served, s.bytes_written, s.evictions, 0)
+
     def _store(self, h: Hash, entry: _Entry) -> None:
         if len(entry.data) > self.max_bytes:
             return
@@ -54,9 +61,11 @@ class MemoryCache:
             self._total -= len(old.data)
         self._entries[h] = entry
         self._total += len(entry.data)
+        self._stats.bytes_written += len(entry.data)
         while self._total > self.max_bytes:
             _, gone = self._entries.popitem(last=False)
             self._total -= len(gone.data)
+            self._stats.evictions += 1
 
     def _stream(
         self,
@@ -70,6 +79,7 @@ class MemoryCache:
             entry = self._entries.get(h)
             if entry is not None:
                 self._entries.move_to_end(h)
+                self._stats.bytes_served += len(entry.data)
                 return BytesStream(entry.data)
             upstream = await open_upstream()
             sink = _MemSink(self, h, media_type, compressed)
@@ -83,11 +93,14 @@ class MemoryCache:
     async def get(self, h: Hash) -> Layer:
         entry = self._entries.get(h)
         if entry is None:
+            self._stats.misses += 1
             raise LayerNotFoundError(f"{h} is not in {self!r}")
+        self._stats.hits += 1
         self._entries.move_to_end(h)
         data = entry.data
 
         async def opener() -> ByteReceiveStream:
+            self._stats.bytes_served += len(data)
             return BytesStream(data)
 
         kind = sniff(data[:512])

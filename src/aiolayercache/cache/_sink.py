@@ -41,12 +41,14 @@ class EntrySink:
         *,
         durable: bool,
         on_error: Callable[[Hash, BaseException], None],
+        on_commit: Callable[[Hash, int], None] | None = None,
     ) -> None:
         self._store = store
         self._h = h
         self._info = info
         self._flight = flight
         self._on_error = on_error
+        self._on_commit = on_commit
         self._lock_box = [lock_fd] if lock_fd is not None else []
         self._file = AtomicFile(store.entry(h), store.tmpdir, durable=durable, tag=h.hex[:16])
         self._finalizer = weakref.finalize(self, _orphaned, flight, self._lock_box)
@@ -82,6 +84,8 @@ class EntrySink:
         st = os.stat(self._file.final)
         meta = Meta(st.st_size, st.st_mtime_ns, st.st_ino, sniff(self._file.head), **self._info)
         self._store.save(self._file.final, meta)
+        if self._on_commit is not None:  # (in the file's worker thread, after the rename)
+            self._on_commit(self._h, st.st_size)
 
     def _release(self) -> None:
         self._finalizer.detach()

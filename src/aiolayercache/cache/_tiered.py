@@ -17,9 +17,16 @@ from .._errors import LayerNotFoundError
 from .._hash import Hash
 from .._protocols import Layer
 from .._wrap import LayerWrapper
-from ._base import Cache, StoredSize
+from ._base import Cache, CacheStats, StoredSize
 
-__all__ = ["Labelled", "TierHit", "TieredCache", "label_of", "tiered"]
+__all__ = ["Counted", "Labelled", "TierHit", "TieredCache", "label_of", "tiered"]
+
+
+@runtime_checkable
+class Counted(Protocol):
+    """A cache that counts what it did (``stats()``); every cache of this library does."""
+
+    def stats(self) -> CacheStats: ...
 
 
 @runtime_checkable
@@ -60,6 +67,21 @@ class TieredCache:
     def __init__(self, tiers: Sequence[Cache]) -> None:
         self.tiers = tuple(tiers)
         self.label = "+".join(label_of(c) for c in self.tiers)
+        self._hits = 0
+        self._misses = 0
+
+    def stats(self) -> CacheStats:
+        """Hits and misses of this cache's lookups (a hit in any tier is a hit); bytes,
+        evictions and write errors summed over the tiers that count them."""
+        out = CacheStats(self._hits, self._misses)
+        for c in self.tiers:
+            if isinstance(c, Counted):
+                t = c.stats()
+                out.bytes_served += t.bytes_served
+                out.bytes_written += t.bytes_written
+                out.evictions += t.evictions
+                out.write_errors += t.write_errors
+        return out
 
     def __repr__(self) -> str:
         return f"tiered({', '.join(repr(c) for c in self.tiers)})"
@@ -70,6 +92,7 @@ class TieredCache:
                 hit = await c.get(h)
             except LayerNotFoundError:
                 continue
+            self._hits += 1
             stored = await _stored_size(hit)
             if i == 0:
                 return TierHit(hit, label_of(c), False, stored)
@@ -77,6 +100,7 @@ class TieredCache:
             for faster in reversed(self.tiers[:i]):
                 filling = await faster.put(filling)
             return TierHit(filling, label_of(c), True, stored)
+        self._misses += 1
         raise LayerNotFoundError(f"{h} is in no tier of {self!r}")
 
     async def put(self, layer: Layer) -> Layer:

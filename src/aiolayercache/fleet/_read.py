@@ -54,6 +54,10 @@ class Store(Protocol):
         """Delete entry ``h``'s tag: its bytes are wrong for good."""
         ...
 
+    def served(self, size: int) -> None:
+        """Count an entry opened for reading."""
+        ...
+
     def unreadable(self, exc: BaseException, *, down: bool) -> None:
         """Count a failed read (warn about the first); ``down``: skip the fleet a while."""
         ...
@@ -82,6 +86,8 @@ async def open_entry(store: Store, desc: Descriptor) -> ByteReceiveStream:
 
     async def condemn() -> None:
         await store.drop(h, "its bytes failed their digest")
+
+    store.served(desc.size)
 
     verified = VerifyingStream(
         inner,

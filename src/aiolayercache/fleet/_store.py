@@ -18,6 +18,7 @@ from .._hash import Hash
 from .._protocols import Layer
 from .._types import Descriptor
 from .._wrap import LayerWrapper
+from ..cache import CacheStats
 from ..remote import Client, RemoteError, TransportError, default_client
 from ..remote._errors import read_capped
 from ..remote._reference import Reference
@@ -102,6 +103,7 @@ class RegistryCache:
         self.lookup_timeout = lookup_timeout
         self.write_errors = 0
         self.read_errors = 0
+        self._stats = CacheStats()
         self._down_until = 0.0
         self._no_writes_until = 0.0
         self._warned: set[str] = set()
@@ -125,6 +127,15 @@ class RegistryCache:
         else:
             self._warned.add(kind)
             log.warning("%s", msg)
+
+    def stats(self) -> CacheStats:
+        """What this cache did since it was made (``write_errors``: uploads the fleet did
+        not take; its ``read_errors`` are counted apart)."""
+        s = self._stats
+        return CacheStats(s.hits, s.misses, s.bytes_served, s.bytes_written, 0, self.write_errors)
+
+    def served(self, size: int) -> None:
+        self._stats.bytes_served += size
 
     def unreadable(self, exc: BaseException, *, down: bool = False) -> None:
         self.read_errors += 1
@@ -233,6 +244,7 @@ class RegistryCache:
             log.debug("fleet %r: %s is quarantined; not tagged", self, h)
             return
         await self.put_tag(entry_tag(h), entry_manifest(h, size, media_type, kind))
+        self._stats.bytes_written += size
 
     async def lookup(self, h: Hash) -> EntryInfo | None:
         raw = await self.read_tag(entry_tag(h))
@@ -252,7 +264,9 @@ class RegistryCache:
             except FLEET_ERRORS as exc:  # unreachable, refused, or a malformed entry manifest
                 self.unreadable(exc)
         if info is None:
+            self._stats.misses += 1
             raise LayerNotFoundError(f"{h} is not in {self!r}")
+        self._stats.hits += 1
         return fleet_layer(self, info)
 
     async def drop(self, h: Hash, why: str) -> None:
