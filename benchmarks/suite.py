@@ -570,7 +570,7 @@ class Suite:
         try:
             refs = [f"{proxy.address}/bench/fan:f{i}" for i in range(sz.fan_images)]
 
-            def fan(count: int) -> Contender:
+            def fan(count: int, bounded: bool = False) -> Contender:
                 def go() -> Sample:
                     work = self.tmp(f"fan{count}-")
                     try:
@@ -582,6 +582,8 @@ class Suite:
                         proxy.reset()
                         job = {"kind": "fanin", "cache": str(work / "cache"), "pulls": pulls}
                         job["name"] = "v1"
+                        if bounded:  # issue 15: the cache bounded at half the unique bytes
+                            job["max_bytes"] = sum(unique.values()) // 2
                         r = self.worker(job, min(2 * sum(unique.values()), 1 << 30))
                         for i, (_, dest) in zip(picks, pulls, strict=True):
                             check_layout(Path(dest), imgs[i].layer_sizes())
@@ -601,7 +603,9 @@ class Suite:
 
                 return go
 
-            s = self.alternate("6 fan-in", {f"{c} pulls": fan(c) for c in counts})
+            contenders = {f"{c} pulls": fan(c) for c in counts}
+            contenders[f"{sz.fan_pulls} pulls, bounded"] = fan(sz.fan_pulls, bounded=True)
+            s = self.alternate("6 fan-in", contenders)
         finally:
             proxy.stop()
         one, many = s["1 pulls"], s[f"{sz.fan_pulls} pulls"]
@@ -621,6 +625,30 @@ class Suite:
                     all(r["blob_bytes"] == r["unique_blob_bytes"] for r in many),
                 )
             )
+            bounded = s[f"{sz.fan_pulls} pulls, bounded"]
+            wall = med(bounded) / med(many)
+            refetch = max(r["blob_bytes"] / r["unique_blob_bytes"] for r in bounded)
+            self.rows += [
+                Row(
+                    "6",
+                    f"fan-in, {sz.fan_pulls} pulls, cache bounded at half the unique bytes: "
+                    "wall / unbounded",
+                    secs(med(bounded)),
+                    f"unbounded {secs(med(many))}",
+                    f"{wall:.2f}",
+                    "<= 1.3",
+                    wall <= 1.3,
+                ),
+                Row(
+                    "6",
+                    "the same: blob bytes through the proxy / unique blob bytes",
+                    f"{bounded[0]['blob_bytes'] / MIB:.1f} MiB",
+                    f"unique {bounded[0]['unique_blob_bytes'] / MIB:.1f} MiB",
+                    f"{refetch:.2f}",
+                    "<= 2.5",
+                    refetch <= 2.5,
+                ),
+            ]
             a, b = med(many), med(one)
             self.rows.append(
                 Row(

@@ -74,7 +74,7 @@ async def pull(job: dict[str, Any]) -> dict[str, Any]:
 async def fanin(job: dict[str, Any]) -> dict[str, Any]:
     seconds: list[float] = []
     async with remote.Client() as c:
-        fs = FilesystemCache(job["cache"])
+        fs = FilesystemCache(job["cache"], max_bytes=job.get("max_bytes"))
 
         async def one(ref: str, dest: str) -> None:
             t0 = time.perf_counter()
