@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from typing import Any
 
 from .. import __version__
 
@@ -42,6 +43,20 @@ def add_fleet_option(p: argparse.ArgumentParser) -> None:
         default=None,
         help=f"a cache shared by machines, in a registry repository, behind the local "
         f"cache (default: ${FLEET_ENV}; '' for none); see docs/FLEET.md",
+    )
+
+
+MAX_SIZE_ENV = "AIOLAYERCACHE_CACHE_MAX_SIZE"
+
+
+def add_max_size_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--cache-max-size",
+        type=parse_size,
+        metavar="SIZE",
+        default=None,
+        help=f"keep the local cache within SIZE while pulling, least recently used "
+        f"entries go (500M, 10G; default: ${MAX_SIZE_ENV}, else unbounded)",
     )
 
 
@@ -170,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     where.add_argument("--no-cache", action="store_true", help="pull without the local layer cache")
     add_fleet_option(pull)
+    add_max_size_option(pull)
     plat = pull.add_mutually_exclusive_group()
     plat.add_argument(
         "--platform",
@@ -228,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-cache", action="store_true", help="read SRC without the local layer cache"
     )
     add_fleet_option(copy)
+    add_max_size_option(copy)
     _push_options(copy)
     _registries_conf(copy)
 
@@ -249,7 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     push.add_argument("source", metavar="PATH", help="OCI layout DIR[:NAME] or docker archive FILE")
     push.add_argument("dest", metavar="REF", help="registry reference to push it to")
-    push.set_defaults(cache_dir=None, no_cache=True, fleet="", registries_conf=False)
+    push.set_defaults(
+        cache_dir=None, no_cache=True, fleet="", registries_conf=False, cache_max_size=None
+    )
     _push_options(push)
 
     cache = sub.add_parser(
@@ -260,18 +279,25 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--cache-dir", metavar="DIR", help="cache directory (default as for pull)")
     cache.add_argument("--debug", action="store_true", help="tracebacks and debug logs")
     csub = cache.add_subparsers(dest="cache_command", metavar="ACTION")
-    ls = csub.add_parser("ls", help="list entries with size and last use")
+
+    def action(name: str, **kw: Any) -> argparse.ArgumentParser:
+        # The common options are taken after the action too (``cache verify --cache-dir
+        # DIR``), as git and kubectl take theirs; SUPPRESS keeps a value given before it.
+        a = csub.add_parser(name, **kw)
+        a.add_argument("--cache-dir", metavar="DIR", default=argparse.SUPPRESS, help="as above")
+        a.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="as above")
+        return a
+
+    ls = action("ls", help="list entries with size and last use")
     ls.add_argument(
         "--fleet",
         metavar="REGISTRY/REPO",
         help="list the entries of this fleet repository (from its tags) instead",
     )
     cache.set_defaults(fleet=None, insecure=False)
-    csub.add_parser("du", help="total size and number of entries")
-    csub.add_parser(
-        "verify", help="hash every entry again; remove bad entries and stale temp files"
-    )
-    prune = csub.add_parser(
+    action("du", help="total size and number of entries")
+    action("verify", help="hash every entry again; remove bad entries and stale temp files")
+    prune = action(
         "prune",
         help="remove least recently used entries",
         description="Remove entries, least recently used first, until the cache fits "
@@ -279,6 +305,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prune.add_argument("--max-size", type=parse_size, metavar="SIZE", help="e.g. 10G, 500M")
     prune.add_argument("--older-than", type=parse_duration, metavar="AGE", help="e.g. 30d, 12h")
-    rm = csub.add_parser("rm", help="remove one entry")
+    rm = action("rm", help="remove one entry")
     rm.add_argument("digest", metavar="DIGEST", help="sha256:<hex>")
     return p

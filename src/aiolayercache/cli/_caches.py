@@ -11,10 +11,27 @@ from .. import Hash
 from ..cache import Cache, FilesystemCache, tiered
 from ..fleet import EntryInfo, RegistryCache
 from ..remote import Client, InvalidReferenceError, Reference
-from ._args import EXIT_OK, FLEET_ENV, UsageError
+from ._args import EXIT_OK, FLEET_ENV, MAX_SIZE_ENV, UsageError, parse_size
 from ._cache_cmd import default_cache_dir
 
 __all__ = ["fleet_ls", "fleet_repo", "layer_cache"]
+
+
+def max_size(args: argparse.Namespace) -> int | None:
+    """``--cache-max-size``, else ``$AIOLAYERCACHE_CACHE_MAX_SIZE``, else None."""
+    if args.cache_max_size is not None:
+        n, where = int(args.cache_max_size), "--cache-max-size"
+    else:
+        text = os.environ.get(MAX_SIZE_ENV, "")
+        if not text:
+            return None
+        try:
+            n, where = parse_size(text), f"${MAX_SIZE_ENV}"
+        except argparse.ArgumentTypeError as exc:
+            raise UsageError(f"${MAX_SIZE_ENV}: {exc}") from None
+    if n < 1:
+        raise UsageError(f"{where} must be at least one byte")
+    return n
 
 
 def layer_cache(
@@ -24,7 +41,9 @@ def layer_cache(
 
     ``--no-cache`` drops the local tier only: with ``--fleet`` the fleet is read alone.
     """
-    fs = FilesystemCache(args.cache_dir or default_cache_dir()) if local else None
+    fs = None
+    if local:
+        fs = FilesystemCache(args.cache_dir or default_cache_dir(), max_bytes=max_size(args))
     repo = fleet_repo(args)
     fleet = RegistryCache(repo, client=client) if repo is not None else None
     if fs is not None and fleet is not None:

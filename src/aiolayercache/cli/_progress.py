@@ -44,6 +44,7 @@ class Reporter:
         self.action = action  # pull | copy: what the layers streamed are for
         self.stats = Stats()
         self.fleet = False  # a fleet tier is in use: the summary tells its hits apart
+        self.evicted = 0  # entries a bounded cache evicted during the command
         self._progress: Any = None
         self._total: Any = None
         self._tasks: dict[str, Any] = {}
@@ -134,10 +135,11 @@ class Reporter:
                 f"{local} from the local cache, {s.from_fleet} from the fleet, "
                 f"{s.layers - s.hits} from the origin"
             )
+        evicted = f", {self.evicted} cache entries evicted" if self.evicted else ""
         return (
             f"{s.images} image{'s' if s.images != 1 else ''}, {s.layers} layers "
             f"({hits}), {human(s.bytes_fetched)} fetched, "
-            f"{human(s.bytes_from_cache)} from cache, {wall:.2f}s"
+            f"{human(s.bytes_from_cache)} from cache{evicted}, {wall:.2f}s"
         )
 
 

@@ -12,6 +12,7 @@ from typing import Any, cast
 import anyio
 
 from .. import Hash, Image, cache, layout, mutate, tarball
+from ..cache import Counted
 from ..remote import Client, InvalidReferenceError, Reference
 from ._args import EXIT_FAILED, EXIT_OK, UsageError
 from ._caches import layer_cache
@@ -187,6 +188,8 @@ async def pull(args: argparse.Namespace, rep: Reporter) -> int:
         finally:
             if fleet is not None:
                 await fleet.flush()  # the uploads that finish behind the reads
+            if isinstance(fs, Counted):
+                rep.evicted = fs.stats().evictions
     return EXIT_OK
 
 
