@@ -312,7 +312,10 @@ class FilesystemCache:
         """(A worker thread, right after an entry's rename.) Count it; keep the bound."""
         self._stats.bytes_written += size
         if self._budget is not None:
-            self._budget.committed(h, size)
+            try:
+                self._budget.committed(h, size)
+            except OSError as exc:  # the bound is kept next time; the entry stays
+                log.warning("cache %s: cannot keep the bound now: %s", self.path, exc)
 
     def stats(self) -> CacheStats:
         """What this cache object did since it was made (see :class:`CacheStats`)."""
