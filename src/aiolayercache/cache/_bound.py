@@ -12,8 +12,10 @@ also corrects any drift (a killed process, ``cache rm``, ``prune``).
 
 An evicted entry is unlinked: a reader in any process that has it open
 keeps streaming it (POSIX keeps the bytes for open descriptors). The entry
-being committed is never its own victim; one bigger than the whole budget
-is not kept.
+being committed is never its own victim, so one bigger than the whole
+budget stays until the next commit: the readers waiting on its fill (many
+pulls of images that share it) read it once from there instead of each
+fetching it (one warning).
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class Budget:
         self._loaded_at = -1e9
         self._commits = 0
         self.evictions = 0
+        self._warned_big = False
         self.lock = threading.Lock()  # the index is used from the loop and from threads
 
     # --- the shared total -----------------------------------------------------------------
@@ -103,16 +106,16 @@ class Budget:
         self._index[h] = size
         self._index.move_to_end(h)
         self._commits += 1
-        if size > self.max_bytes:
+        if size > self.max_bytes and not self._warned_big:
+            self._warned_big = True
             log.warning(
-                "cache %s: %s (%d bytes) is bigger than the cache's bound (%d); not kept",
+                "cache %s: %s (%d bytes) is bigger than the cache's bound (%d): it is kept "
+                "only until the next entry comes in",
                 self.store.label,
                 h,
                 size,
                 self.max_bytes,
             )
-            self._evict(h, size)
-            return
         rescanned = stale
         while total > self.max_bytes:
             victim = next((v for v in self._index if v != h), None)

@@ -88,7 +88,6 @@ class FilesystemCache:
         self.max_bytes = max_bytes
         self._stats = CacheStats()
         self._budget: Budget | None = None
-        self._warned_big = False
         self.durability: Durability = durability
         self.stalled_fill_timeout = stalled_fill_timeout
         self.write_errors = 0
@@ -341,18 +340,6 @@ class FilesystemCache:
         """
         store = await self._ready()
         assert self._locks is not None
-        if self.max_bytes is not None and size is not None and size > self.max_bytes:
-            if not self._warned_big:
-                self._warned_big = True
-                log.warning(
-                    "cache %s: %s (%d bytes) is bigger than the cache's bound (%d); read uncached",
-                    self.path,
-                    h,
-                    size,
-                    self.max_bytes,
-                )
-            stream = await self.open_committed(h)
-            return stream if stream is not None else await open_upstream()
         key = (id(asyncio.get_running_loop()), store.entry(h))
         while True:
             flight = FLIGHTS.get(key)
