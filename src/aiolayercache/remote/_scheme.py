@@ -13,6 +13,7 @@ Proxies come from ``HTTPS_PROXY`` / ``HTTP_PROXY`` / ``NO_PROXY``
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import ipaddress
 import os
@@ -32,7 +33,7 @@ from ._urls import check_target, origin, schemes_for
 __all__ = ["MAX_REDIRECTS", "Reach", "is_loopback_host", "proxy_for"]
 
 MAX_REDIRECTS = 5
-Proxy = tuple[URL, aiohttp.BasicAuth | None]
+Proxy = tuple[URL, dict[str, str]]  # the proxy and its Proxy-Authorization, if any
 
 
 def is_loopback_host(host: str) -> bool:
@@ -90,7 +91,7 @@ def _bypass(host: str, port: int | None, no_proxy: str) -> bool:
 
 
 def proxy_for(url: URL, env: Mapping[str, str] | None = None) -> Proxy | None:
-    """The proxy (and its credentials) for ``url`` from the environment, or None.
+    """The proxy for ``url`` from the environment and its ``Proxy-Authorization``; or None.
 
     ``HTTPS_PROXY`` for https URLs, ``HTTP_PROXY`` for http (lower case
     first, as ``urllib.request.getproxies``), unless ``NO_PROXY`` names the
@@ -106,8 +107,11 @@ def proxy_for(url: URL, env: Mapping[str, str] | None = None) -> Proxy | None:
     if not raw:
         return None
     p = URL(raw if "://" in raw else f"http://{raw}")
-    auth = aiohttp.BasicAuth(p.user, p.password or "") if p.user else None
-    return p.with_user(None), auth
+    headers: dict[str, str] = {}
+    if p.user:
+        pair = f"{p.user}:{p.password or ''}".encode()
+        headers["Proxy-Authorization"] = "Basic " + base64.b64encode(pair).decode("ascii")
+    return p.with_user(None), headers
 
 
 class Reach:
@@ -167,7 +171,7 @@ class Reach:
                 allow_redirects=False,
                 ssl=self._probe_ssl,
                 proxy=None if proxy is None else proxy[0],
-                proxy_auth=None if proxy is None else proxy[1],
+                proxy_headers=None if proxy is None else proxy[1],
                 timeout=self._probe_timeout,
             )
         except NET_ERRORS as exc:
@@ -241,7 +245,7 @@ class Reach:
                 allow_redirects=False,
                 ssl=ssl_arg,
                 proxy=None if proxy is None else proxy[0],
-                proxy_auth=None if proxy is None else proxy[1],
+                proxy_headers=None if proxy is None else proxy[1],
             )
         except NET_ERRORS as exc:
             err = tls_problem(exc)
