@@ -17,6 +17,7 @@ import os
 import secrets
 import shutil
 import socket
+import ssl
 import struct
 import subprocess
 import threading
@@ -90,7 +91,13 @@ def start_registry(
     cfg.write_text(json.dumps(config))  # JSON is YAML
     log = open(workdir / "registry.log", "wb")  # noqa: SIM115 - lives as long as the process
     proc = subprocess.Popen([REGISTRY_BIN, "serve", str(cfg)], stdout=log, stderr=log)
-    url = f"http://127.0.0.1:{port}/v2/"
+    tls = config["http"].get("tls")
+    url = f"{'https' if tls else 'http'}://127.0.0.1:{port}/v2/"
+    # Readiness only: any TLS answer will do (the test's certificate may be expired or for
+    # another name; with ``clientcas`` the handshake itself fails, once the server is up).
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -98,10 +105,16 @@ def start_registry(
                 f"docker-registry exited: {(workdir / 'registry.log').read_text()[-2000:]}"
             )
         try:
-            urllib.request.urlopen(url, timeout=1)
+            urllib.request.urlopen(url, timeout=1, context=ctx if tls else None)
             break
         except urllib.error.HTTPError:
             break  # 401: up, and asking for auth
+        except urllib.error.URLError as exc:
+            if isinstance(exc.reason, ssl.SSLError):
+                break  # a TLS alert (a client certificate wanted): up
+            time.sleep(0.05)
+        except ssl.SSLError:
+            break
         except OSError:
             time.sleep(0.05)
     else:

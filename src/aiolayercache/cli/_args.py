@@ -123,11 +123,25 @@ def _push_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "-j", "--jobs", type=int, default=4, metavar="N", help="blobs pushed at once (default 4)"
     )
-    p.add_argument(
-        "--insecure", action="store_true", help="allow plain HTTP to non-loopback registries"
-    )
+    _tls(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress, only the summary")
     p.add_argument("--debug", action="store_true", help="tracebacks and debug logs")
+
+
+def _tls(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow plain HTTP (when HTTPS fails to connect) and any TLS certificate "
+        "for every registry; loopback registries may always fall back to HTTP",
+    )
+    p.add_argument(
+        "--cert-dir",
+        metavar="DIR",
+        help="a certs.d directory for the registry: *.crt are CA certificates, "
+        "*.cert + *.key a client pair (default: ~/.config/containers/certs.d/HOST[:PORT], "
+        "/etc/containers/certs.d/HOST[:PORT], /etc/docker/certs.d/HOST[:PORT])",
+    )
 
 
 def _registries_conf(p: argparse.ArgumentParser) -> None:
@@ -208,9 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument(
         "-j", "--jobs", type=int, default=4, metavar="N", help="images pulled at once (default 4)"
     )
-    pull.add_argument(
-        "--insecure", action="store_true", help="allow plain HTTP to non-loopback registries"
-    )
+    _tls(pull)
     _registries_conf(pull)
     pull.add_argument("-q", "--quiet", action="store_true", help="no progress, only the summary")
     pull.add_argument("--debug", action="store_true", help="tracebacks and debug logs")

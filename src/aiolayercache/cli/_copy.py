@@ -99,7 +99,9 @@ async def copy(args: argparse.Namespace, rep: Reporter, state: CopyState) -> int
     if args.jobs < 1:
         raise UsageError("-j must be at least 1")
     # Only a registry is worth caching: a layout or an archive is already on this disk.
-    async with Client(insecure=args.insecure, registries_conf=args.registries_conf) as client:
+    async with Client(
+        insecure=args.insecure, registries_conf=args.registries_conf, cert_dir=args.cert_dir
+    ) as client:
         fs, fleet = None, None
         if src.kind == "registry":
             fs, fleet = layer_cache(args, client, local=not args.no_cache)

@@ -131,7 +131,9 @@ async def pull(args: argparse.Namespace, rep: Reporter) -> int:
     # One slot per source, so DEST lists images in the order the sources were given.
     resolved: list[list[tuple[str, Any]]] = [[] for _ in sources]
     limiter = anyio.CapacityLimiter(args.jobs)
-    async with Client(insecure=args.insecure, registries_conf=args.registries_conf) as client:
+    async with Client(
+        insecure=args.insecure, registries_conf=args.registries_conf, cert_dir=args.cert_dir
+    ) as client:
         fs, fleet = layer_cache(args, client, local=not args.no_cache)
         rep.fleet = fleet is not None
         try:

@@ -50,14 +50,14 @@ from ._errors import (
 from ._mirrors import make_router, manifest_at
 from ._reference import Reference
 from ._retry import RETRY_STATUSES, RetryBudget, RetryPolicy, is_exhausted_quota, parse_retry_after
-from ._urls import check_target, origin, scheme_for
+from ._scheme import Reach
+from ._tls import TLSConfig
+from ._urls import check_target, origin
 from ._write import PushStats
 
 __all__ = ["Client"]
 
 log = logging.getLogger("aiolayercache.remote")
-
-MAX_REDIRECTS = 5
 
 
 class Client:
@@ -68,8 +68,13 @@ class Client:
     (``ghcr.io``, ``localhost:5000``, ``docker.io``) to :class:`Credentials`
     (or is one, for every registry); ``docker_config`` reads
     ``~/.docker/config.json`` / ``$DOCKER_CONFIG`` for registries not given
-    explicitly. Plain HTTP is used for loopback registries and when
-    ``insecure`` is true; HTTPS otherwise. ``resolver`` replaces aiohttp's
+    explicitly. HTTPS first; plain HTTP only for loopback registries and
+    when ``insecure`` is true (which also accepts any certificate), after
+    HTTPS fails to connect (``_scheme``). TLS trusts the system store,
+    ``ca_file`` and the registry's certs.d directory (or ``cert_dir``), and
+    presents ``cert_file``/``key_file`` or the certs.d pair (``_tls``);
+    ``HTTPS_PROXY``/``HTTP_PROXY``/``NO_PROXY`` are honoured except for
+    loopback. ``resolver`` replaces aiohttp's
     DNS resolver for the session. Pulls try ``mirrors`` (name prefix → mirror
     locations) and those of ``registries_conf`` (a path; None: as skopeo finds
     it; False: none) before the origin; pushes do not (``_mirrors``).
@@ -89,7 +94,13 @@ class Client:
         resolver: AbstractResolver | None = None,
         mirrors: Mapping[str, Sequence[str]] | None = None,
         registries_conf: str | os.PathLike[str] | Literal[False] | None = None,
+        ca_file: str | os.PathLike[str] | None = None,
+        cert_file: str | os.PathLike[str] | None = None,
+        key_file: str | os.PathLike[str] | None = None,
+        cert_dir: str | os.PathLike[str] | None = None,
     ) -> None:
+        if key_file is not None and cert_file is None:
+            raise ValueError("key_file needs cert_file")
         self._router = make_router(mirrors, registries_conf)
         if self._router is not None:
             credentials = self._router.credentials(credentials)
@@ -102,6 +113,7 @@ class Client:
         )
         self._user_agent = user_agent
         self._resolver = resolver
+        self._reach = Reach(TLSConfig(ca_file, cert_file, key_file, cert_dir), connect_timeout)
         self._session: aiohttp.ClientSession | None = None
         self._challenges: dict[str, Challenge] = {}
         self._tokens = TokenCache()
@@ -219,7 +231,7 @@ class Client:
         ``query`` is added to a registry path (``ns`` for a mirror).
         """
         insecure = self._insecure(ref)
-        scheme = scheme_for(ref, insecure)
+        scheme = await self._reach.scheme(self._get_session(), ref, insecure)
         home = URL.build(scheme=scheme, authority=ref.endpoint, encoded=True)
         if isinstance(path, URL):
             url = home.join(path)
@@ -283,7 +295,9 @@ class Client:
         last_exc: BaseException | None = None
         for attempt in range(policy.attempts):
             try:
-                resp = await self._send_following(session, method, url, headers, ref, data)
+                resp = await self._reach.send(
+                    session, method, url, headers, ref, self._insecure(ref), data
+                )
             except aiohttp.ClientResponseError as exc:
                 # A response aiohttp cannot parse (status line, oversized header, an
                 # encoding it cannot decode). ``from None``: its request info holds headers.
@@ -328,48 +342,6 @@ class Client:
             method=method,
             url=redact(url),
         ) from last_exc
-
-    # --- redirects -----------------------------------------------------------------
-
-    async def _send_following(
-        self,
-        session: aiohttp.ClientSession,
-        method: str,
-        url: URL,
-        headers: Mapping[str, str],
-        ref: Reference,
-        data: Any,
-    ) -> aiohttp.ClientResponse:
-        start = url
-        hdrs = dict(headers)
-        for _ in range(MAX_REDIRECTS + 1):
-            resp = await session.request(
-                method, url, headers=hdrs, data=data, allow_redirects=False
-            )
-            if resp.status not in (301, 302, 303, 307, 308) or method not in ("GET", "HEAD"):
-                return resp
-            location = resp.headers.get("Location")
-            resp.release()
-            if not location:
-                raise RemoteError("redirect without Location", method=method, url=redact(url))
-            try:
-                nxt = url.join(URL(location))
-            except ValueError:
-                raise RemoteError(
-                    "redirect to a malformed Location", method=method, url=redact(url)
-                ) from None
-            reason = check_target(nxt, ref, self._insecure(ref), credentials=False)
-            if reason is not None:
-                raise RemoteError(
-                    f"refusing redirect to {redact(nxt)}, which {reason}",
-                    method=method,
-                    url=redact(url),
-                )
-            if origin(nxt) != origin(start):
-                # Credentials never follow a redirect to another origin.
-                hdrs = {k: v for k, v in hdrs.items() if k.lower() != "authorization"}
-            url = nxt
-        raise RemoteError(f"more than {MAX_REDIRECTS} redirects", method=method, url=redact(start))
 
     # --- manifests and blobs (the Fetcher and BlobSource protocols) -----------------
 

@@ -13,12 +13,16 @@ from yarl import URL
 
 from ._reference import Reference
 
-__all__ = ["check_target", "origin", "scheme_for"]
+__all__ = ["check_target", "origin", "schemes_for"]
 
 
-def scheme_for(registry: Reference, insecure: bool) -> str:
-    """Plain HTTP for loopback registries and when ``insecure``; HTTPS otherwise."""
-    return "http" if insecure or registry.is_loopback else "https"
+def schemes_for(registry: Reference, insecure: bool) -> tuple[str, ...]:
+    """The schemes ``registry`` may be reached by, in the order tried.
+
+    HTTPS, then plain HTTP (after HTTPS fails to connect) only for a loopback
+    registry or one marked ``insecure``. A public registry is never downgraded.
+    """
+    return ("https", "http") if insecure or registry.is_loopback else ("https",)
 
 
 def origin(u: URL) -> tuple[str, str, int | None]:
@@ -83,7 +87,7 @@ def check_target(
     if url.scheme not in ("http", "https") or not url.host:
         return "is not an http(s) URL"
     if credentials:
-        if url.scheme == "http" and scheme_for(registry, insecure) != "http":
+        if url.scheme == "http" and "http" not in schemes_for(registry, insecure):
             return "is not https"
         if url.user or url.password:
             return "carries user info"
