@@ -11,7 +11,9 @@ the directory now and then (every ``REFRESH_COMMITS`` commits or
 also corrects any drift (a killed process, ``cache rm``, ``prune``).
 
 An evicted entry is unlinked: a reader in any process that has it open
-keeps streaming it (POSIX keeps the bytes for open descriptors). The entry
+keeps streaming it (POSIX keeps the bytes for open descriptors). An entry
+that tasks of this process wait to open (they waited on its fill) is not
+evicted until they have. The entry
 being committed is never its own victim, so one bigger than the whole
 budget stays until the next commit: the readers waiting on its fill (many
 pulls of images that share it) read it once from there instead of each
@@ -25,6 +27,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 
 from .._hash import Hash
 from . import _upkeep
@@ -46,8 +49,15 @@ REFRESH_SECONDS = 30.0
 class Budget:
     """Keeps the entries of ``store`` within ``max_bytes``; every method blocks (a thread)."""
 
-    def __init__(self, store: ProofStore, state_dir: str, max_bytes: int) -> None:
+    def __init__(
+        self,
+        store: ProofStore,
+        state_dir: str,
+        max_bytes: int,
+        pinned: Callable[[Hash], bool] = lambda h: False,
+    ) -> None:
         self.store = store
+        self._pinned = pinned  # entries tasks of this process are waiting to open
         self.max_bytes = max_bytes
         self._usage = os.path.join(state_dir, "usage")
         self._index: OrderedDict[Hash, int] = OrderedDict()  # oldest use first
@@ -118,13 +128,23 @@ class Budget:
             )
         rescanned = stale
         while total > self.max_bytes:
-            victim = next((v for v in self._index if v != h), None)
+            victim = next((v for v in self._index if v != h and not self._pinned(v)), None)
             if victim is None:
                 if rescanned:
                     return  # nothing else to evict (others' fills in flight)
                 total, rescanned = self.refresh(), True
                 continue
             total = self._evict(victim, self._index[victim])
+
+    def trim(self) -> None:
+        """Evict until within the budget (after pinned entries were let go)."""
+        with self.lock:
+            total = self._add(0)
+            while total > self.max_bytes:
+                victim = next((v for v in self._index if not self._pinned(v)), None)
+                if victim is None:
+                    return
+                total = self._evict(victim, self._index[victim])
 
     def _evict(self, h: Hash, size: int) -> int:
         self._index.pop(h, None)

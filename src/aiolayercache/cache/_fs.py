@@ -88,6 +88,7 @@ class FilesystemCache:
         self.max_bytes = max_bytes
         self._stats = CacheStats()
         self._budget: Budget | None = None
+        self._waiting: dict[Hash, int] = {}  # tasks waiting on an entry's fill, to open it
         self.durability: Durability = durability
         self.stalled_fill_timeout = stalled_fill_timeout
         self.write_errors = 0
@@ -169,7 +170,12 @@ class FilesystemCache:
         self._store = self._store_at(root, tmpdir)
         self._locks = EntryLocks(self.path, os.path.join(root, _STATE_DIR, "locks"), tmpdir)
         if self.max_bytes is not None and self._budget is None:
-            self._budget = Budget(self._store, os.path.join(root, _STATE_DIR), self.max_bytes)
+            self._budget = Budget(
+                self._store,
+                os.path.join(root, _STATE_DIR),
+                self.max_bytes,
+                pinned=lambda h: self._waiting.get(h, 0) > 0,
+            )
             with self._budget.lock:
                 self._budget.refresh()
         return swept
@@ -347,7 +353,19 @@ class FilesystemCache:
                 if key in OPENING.get():
                     # We are inside this entry's own fill: pass through; the outer fill caches.
                     return await open_upstream()
-                await flight.event.wait()
+                self._waiting[h] = self._waiting.get(h, 0) + 1
+                try:
+                    await flight.event.wait()
+                    stream = await self.open_committed(h)  # (pinned against eviction till now)
+                finally:
+                    self._waiting[h] -= 1
+                    if not self._waiting[h]:
+                        del self._waiting[h]
+                        if self._budget is not None:  # what the pin kept may go now
+                            with anyio.CancelScope(shield=True):
+                                await anyio.to_thread.run_sync(self._budget.trim)
+                if stream is not None:
+                    return stream
                 continue
             stream = await self.open_committed(h)
             if stream is not None:
