@@ -171,20 +171,26 @@ def docker_config_path() -> Path:
     return Path(base) / "config.json" if base else Path.home() / ".docker" / "config.json"
 
 
-def auth_files() -> list[Path]:
-    """The files to search, first first (skopeo's order; ``$REGISTRY_AUTH_FILE`` alone if set)."""
+def _sources() -> list[tuple[str, Path]]:
+    """The files to search, first first, each with the name it goes by in logs."""
     explicit = os.environ.get("REGISTRY_AUTH_FILE")
     if explicit:
-        return [Path(explicit)]
+        return [("$REGISTRY_AUTH_FILE", Path(explicit))]
     out = []
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     if runtime:
-        out.append(Path(runtime) / "containers" / "auth.json")
+        out.append(("$XDG_RUNTIME_DIR/containers/auth.json", Path(runtime)))
     config_home = os.environ.get("XDG_CONFIG_HOME")
-    out.append(Path(config_home) if config_home else Path.home() / ".config")
-    out[-1] = out[-1] / "containers" / "auth.json"
-    out.append(docker_config_path())
+    home = Path(config_home) if config_home else Path.home() / ".config"
+    out.append(("containers/auth.json in the config home", home))
+    out = [(name, d / "containers" / "auth.json") for name, d in out]
+    out.append(("the docker config", docker_config_path()))
     return out
+
+
+def auth_files() -> list[Path]:
+    """The files to search, first first (skopeo's order; ``$REGISTRY_AUTH_FILE`` alone if set)."""
+    return [p for _, p in _sources()]
 
 
 def _read(path: Path) -> dict[str, Any] | None:
@@ -209,10 +215,10 @@ def _read(path: Path) -> dict[str, Any] | None:
 def _plan(registry: str, repository: str) -> list[tuple[str, Step]]:
     """Every step of the search for ``registry/repository``, with where it comes from."""
     out: list[tuple[str, Step]] = []
-    for path in auth_files():
+    for name, path in _sources():
         doc = _read(path)
         if doc is not None:
-            out.extend((str(path), step) for step in file_steps(doc, registry, repository))
+            out.extend((name, step) for step in file_steps(doc, registry, repository))
     return out
 
 
