@@ -387,18 +387,21 @@ async def test_a_hanging_helper_is_a_typed_error_within_the_bound(
     with pytest.raises(CredentialHelperError, match=r"docker-credential-hang.*no answer in 1 s"):
         await pull(basic_registry.host, helper_timeout=1.0)
     assert time.monotonic() - t0 < 5
-    pid = int(pidfile.read_text())
+    await gone(int(pidfile.read_text()))
+
+
+async def gone(pid: int) -> None:
+    """Wait up to 3 s for ``pid`` to be gone (or a zombie: PID 1 may not reap here)."""
     deadline = time.monotonic() + 3
-    while time.monotonic() < deadline:  # the helper's child was killed too (gone, or a zombie)
+    while time.monotonic() < deadline:
         try:
             state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
         except OSError:
-            break
+            return
         if state == "Z":
-            break
+            return
         await anyio.sleep(0.05)
-    else:
-        pytest.fail(f"the helper's sleep ({pid}) outlived the timeout")
+    pytest.fail(f"the helper's child ({pid}) outlived the timeout")
 
 
 async def test_no_secret_in_logs_of_a_pull_with_helper_credentials(
@@ -488,3 +491,31 @@ def test_login_and_logout_docker_hub_use_its_v1_key(env: Env) -> None:
     assert json.loads(cfg.read_text()) == {"auths": {}, "credsStore": "x"}
     r = cli("logout", "docker.io")
     assert r.returncode == 0 and "Not logged in" in r.stderr
+
+
+async def test_a_fifo_or_a_bad_file_is_ignored_with_a_warning(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    env.docker.mkdir()
+    os.mkfifo(env.docker / "config.json")
+    conf = env.write(env.home / ".config/containers/auth.json", {"auths": []})
+    conf.write_text("{not json")
+    store = CredentialStore(None, files=True)
+    with anyio.fail_after(5):
+        assert (await store.get(Reference.parse("h.example/r"))).empty
+    text = " ".join(r.getMessage() for r in caplog.records)
+    assert "not a regular file" in text and "not a JSON object" in text
+
+
+async def test_a_helper_that_exits_but_leaves_a_child_holding_its_output_is_bounded(
+    env: Env,
+) -> None:
+    pidfile = env.bin / "child.pid"
+    env.helper("forks", f'sleep 60 &\necho $! > "{pidfile}"\nexit 0\n')
+    env.write(env.docker / "config.json", {"credsStore": "forks"})
+    store = CredentialStore(None, files=True, helper_timeout=1.0)
+    t0 = time.monotonic()
+    with pytest.raises(CredentialHelperError, match="no answer in 1 s"):
+        await store.get(Reference.parse("h.example/r"))
+    assert time.monotonic() - t0 < 5
+    await gone(int(pidfile.read_text()))

@@ -25,6 +25,7 @@ import base64
 import json
 import logging
 import os
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -196,7 +197,11 @@ def auth_files() -> list[Path]:
 def _read(path: Path) -> dict[str, Any] | None:
     """An auth file's JSON object; None (with a warning if it exists but is bad) otherwise."""
     try:
-        with open(path, "rb") as f:
+        # O_NONBLOCK: a FIFO put where the file goes must not hang the lookup.
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                log.warning("%s: not a regular file; its credentials are ignored", path)
+                return None
             data = f.read(MAX_AUTH_FILE_BYTES + 1)
     except OSError:  # absent (the usual case) or unreadable
         return None

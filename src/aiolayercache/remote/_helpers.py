@@ -72,6 +72,7 @@ async def _run(exe: str, server: str) -> tuple[int, bytes]:
         stderr=subprocess.PIPE,
         start_new_session=True,
     )
+    finished = False
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(_drain, process.stdout, out)
@@ -81,9 +82,10 @@ async def _run(exe: str, server: str) -> tuple[int, bytes]:
                     await process.stdin.send(server.encode())
                 await process.stdin.aclose()
         code = await process.wait()
+        finished = True
     finally:
         with anyio.CancelScope(shield=True):
-            if process.returncode is None:
+            if not finished:  # the helper, or a child of it holding the pipes
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(process.pid, signal.SIGKILL)
             await process.aclose()
@@ -136,7 +138,6 @@ class Helpers:
 
     def __init__(self, timeout: float = HELPER_TIMEOUT) -> None:
         self.timeout = timeout
-        self.runs = 0
         self._done: dict[tuple[str, str], tuple[str, str] | CredentialHelperError | None] = {}
         self._locks: dict[tuple[str, str], anyio.Lock] = {}
 
@@ -144,7 +145,6 @@ class Helpers:
         key = (name, server)
         async with self._locks.setdefault(key, anyio.Lock()):
             if key not in self._done:
-                self.runs += 1
                 try:
                     self._done[key] = await run_helper(name, server, self.timeout)
                 except CredentialHelperError as exc:
