@@ -3,8 +3,9 @@
 ``main`` parses the arguments (``_args``) and runs a command: ``pull``
 (``_pull``, reading sources with ``_sources`` and showing progress with
 ``_progress``), ``copy`` and ``push`` (``_copy``, the same sources into a
-registry) or ``cache`` (``_cache_cmd``). Only the parser is imported up
-front, so ``aiolayercache --help`` loads argparse and the model, not aiohttp.
+registry), ``cache`` (``_cache_cmd``) or ``login``/``logout`` (``_login``).
+Only the parser is imported up front, so ``aiolayercache --help`` loads
+argparse and the model, not aiohttp.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The one lazy import in the CLI, on purpose: the commands load the library,
     # aiohttp and rich (about three times what --help loads), so only a command
     # that runs pays for them; --help, --version and usage errors exit above.
-    from . import _cache_cmd, _caches, _copy, _progress, _pull
+    from . import _cache_cmd, _caches, _copy, _login, _progress, _pull
 
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.WARNING,
@@ -43,7 +44,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     before = _pull.dest_state(args.dest) if args.command == "pull" else None
     copying = _copy.CopyState() if args.command in ("copy", "push") else None
     try:
-        if args.command == "cache" and args.fleet:  # cache ls --fleet REPO
+        if args.command in ("login", "logout"):
+            code = anyio.run(_login.login if args.command == "login" else _login.logout, args)
+        elif args.command == "cache" and args.fleet:  # cache ls --fleet REPO
             code = anyio.run(_caches.fleet_ls, args)
         elif args.command == "cache":
             code = anyio.run(_cache_cmd.cache_command, args)

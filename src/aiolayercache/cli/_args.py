@@ -154,6 +154,38 @@ def _registries_conf(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _login_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    where = "$DOCKER_CONFIG/config.json or ~/.docker/config.json"
+    login = sub.add_parser(
+        "login",
+        help="check credentials with a registry and store them in the docker config",
+        description=f"Check USER's password with REGISTRY (a request to /v2/), then store "
+        f"it in {where} (other keys kept, mode 0600), as crane auth login does. Refused "
+        "credentials exit 1 and write nothing.",
+        epilog='example:\n  echo "$TOKEN" | aiolayercache login ghcr.io -u me --password-stdin',
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    login.add_argument("registry", metavar="REGISTRY", help="host[:port], or docker.io")
+    login.add_argument("-u", "--username", required=True, metavar="USER")
+    login.add_argument(
+        "-p", "--password", metavar="PASSWORD", help="insecure: use --password-stdin"
+    )
+    login.add_argument(
+        "--password-stdin", action="store_true", help="read the password from standard input"
+    )
+    login.add_argument(
+        "--insecure", action="store_true", help="allow plain HTTP to non-loopback registries"
+    )
+    login.add_argument("--debug", action="store_true", help="tracebacks and debug logs")
+    logout = sub.add_parser(
+        "logout",
+        help="remove a registry's credentials from the docker config",
+        description=f"Remove REGISTRY's entries from the auths of {where}.",
+    )
+    logout.add_argument("registry", metavar="REGISTRY", help="host[:port], or docker.io")
+    logout.add_argument("--debug", action="store_true", help="tracebacks and debug logs")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="aiolayercache",
@@ -282,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
         cache_dir=None, no_cache=True, fleet="", registries_conf=False, cache_max_size=None
     )
     _push_options(push)
+
+    _login_parsers(sub)
 
     cache = sub.add_parser(
         "cache",

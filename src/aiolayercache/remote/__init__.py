@@ -7,7 +7,9 @@ Pass ``client=`` to share one :class:`Client` (one pooled session, one
 token cache) across pulls; without it the event loop's shared client is used.
 Pulls go through the mirrors of ``Client(mirrors=...)`` and of the containers
 ``registries.conf`` (:class:`BlockedError` for a blocked name,
-:class:`RegistriesConfError` for a bad file).
+:class:`RegistriesConfError` for a bad file). Credentials are looked up
+when a registry asks for them, in skopeo's order (:func:`auth_files`;
+:class:`CredentialHelperError` when a credential helper fails).
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ from .._protocols import Image, ImageIndex, Layer
 from .._types import Platform
 from ._auth import Credentials, load_docker_config, parse_challenges
 from ._client import Client
+from ._credentials import auth_files
 from ._default import default_client
 from ._descriptor import RemoteDescriptor
 from ._errors import RemoteError, TransportError, UnauthorizedError
+from ._helpers import CredentialHelperError
 from ._mirrors import BlockedError
 from ._reference import InvalidReferenceError, Reference
 from ._registries_conf import RegistriesConfError
@@ -31,6 +35,7 @@ from ._write import PushStats
 __all__ = [
     "BlockedError",
     "Client",
+    "CredentialHelperError",
     "Credentials",
     "InvalidReferenceError",
     "PlatformNotFoundError",
@@ -42,6 +47,7 @@ __all__ = [
     "RetryPolicy",
     "TransportError",
     "UnauthorizedError",
+    "auth_files",
     "default_client",
     "delete",
     "get",

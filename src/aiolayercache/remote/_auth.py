@@ -1,4 +1,4 @@
-"""Credentials, WWW-Authenticate challenges, the docker config file and bearer tokens.
+"""WWW-Authenticate challenges and bearer tokens (credentials come from ``_credentials``).
 
 The token flow is sans-I/O, as httpx's ``Auth``: :func:`check_realm` says
 where a token may be asked for, :func:`token_request` what to send there,
@@ -8,19 +8,17 @@ where a token may be asked for, :func:`token_request` what to send there,
 
 from __future__ import annotations
 
-import base64
 import json
 import math
-import os
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import anyio
 from yarl import URL
 
+from ._credentials import Credentials, CredentialStore, load_docker_config
 from ._errors import UnauthorizedError, redact
 from ._reference import Reference
 from ._urls import check_target
@@ -42,111 +40,6 @@ __all__ = [
 
 MAX_TOKEN_BYTES = 1024 * 1024
 _TOKEN_VALUE = re.compile(r"[\x21-\x7e]+")
-
-
-@dataclass(frozen=True, slots=True)
-class Credentials:
-    """A username and password, or an identity (refresh) token. Never shown in reprs."""
-
-    username: str = ""
-    password: str = field(default="", repr=False)
-    identity_token: str = field(default="", repr=False)
-
-    def __repr__(self) -> str:
-        kind = "identity token" if self.identity_token else "password"
-        return f"Credentials(username={self.username!r}, <{kind} hidden>)"
-
-    def basic(self) -> str:
-        raw = f"{self.username}:{self.password}".encode()
-        return "Basic " + base64.b64encode(raw).decode()
-
-    @property
-    def empty(self) -> bool:
-        return not (self.username or self.password or self.identity_token)
-
-
-_HUB_KEYS = ("https://index.docker.io/v1/", "index.docker.io", "docker.io", "registry-1.docker.io")
-
-
-def _host_of_key(key: str) -> str:
-    k = key
-    for prefix in ("https://", "http://"):
-        if k.startswith(prefix):
-            k = k[len(prefix) :]
-    return k.split("/", 1)[0]
-
-
-def load_docker_config(registry: str, path: str | os.PathLike[str] | None = None) -> Credentials:
-    """Credentials for ``registry`` from the docker config file.
-
-    The file is ``$DOCKER_CONFIG/config.json``, else ``~/.docker/config.json``.
-
-    Reads ``auths`` entries with ``auth`` (base64 ``user:password``),
-    ``username``/``password`` or ``identitytoken``. Credential helpers
-    (``credsStore``, ``credHelpers``) are not run. Returns empty credentials
-    when there is no file or no entry.
-    """
-    if path is None:
-        base = os.environ.get("DOCKER_CONFIG")
-        p = Path(base) / "config.json" if base else Path.home() / ".docker" / "config.json"
-    else:
-        p = Path(path)
-    try:
-        if p.stat().st_size > 1024 * 1024:
-            return Credentials()
-        doc = json.loads(p.read_text())
-    except (OSError, ValueError, RecursionError):
-        return Credentials()
-    auths = doc.get("auths") if isinstance(doc, dict) else None
-    if not isinstance(auths, dict):
-        return Credentials()
-    hub = registry in ("docker.io", "index.docker.io", "registry-1.docker.io")
-    for key, entry in auths.items():
-        if not isinstance(key, str) or not isinstance(entry, dict):
-            continue
-        host = _host_of_key(key)
-        if not (host == registry or (hub and (key in _HUB_KEYS or host in _HUB_KEYS))):
-            continue
-        user, pw = entry.get("username") or "", entry.get("password") or ""
-        if isinstance(entry.get("auth"), str) and entry["auth"]:
-            try:
-                user, _, pw = base64.b64decode(entry["auth"]).decode().partition(":")
-            except (ValueError, UnicodeDecodeError):
-                continue
-        token = entry.get("identitytoken") or ""
-        if not all(isinstance(x, str) for x in (user, pw, token)):
-            continue
-        return Credentials(username=user, password=pw, identity_token=token)
-    return Credentials()
-
-
-class CredentialStore:
-    """Credentials per registry: the given ones, else the docker config's, else anonymous.
-
-    ``credentials`` maps registry names to :class:`Credentials` or is one for
-    every registry. Each registry is looked up once.
-    """
-
-    def __init__(
-        self, credentials: Mapping[str, Credentials] | Credentials | None, *, docker_config: bool
-    ) -> None:
-        self._given = credentials
-        self._docker_config = docker_config
-        self._cache: dict[str, Credentials] = {}
-
-    def get(self, registry: str) -> Credentials:
-        if registry in self._cache:
-            return self._cache[registry]
-        c: Credentials | None = None
-        if isinstance(self._given, Credentials):
-            c = self._given
-        elif self._given is not None:
-            c = self._given.get(registry)
-        if c is None and self._docker_config:
-            c = load_docker_config(registry)
-        c = c or Credentials()
-        self._cache[registry] = c
-        return c
 
 
 @dataclass(frozen=True, slots=True)

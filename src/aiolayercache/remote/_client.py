@@ -47,6 +47,7 @@ from ._errors import (
     read_capped,
     redact,
 )
+from ._helpers import HELPER_TIMEOUT
 from ._mirrors import make_router, manifest_at
 from ._reference import Reference
 from ._retry import RETRY_STATUSES, RetryBudget, RetryPolicy, is_exhausted_quota, parse_retry_after
@@ -66,13 +67,14 @@ class Client:
     Use as an async context manager (``async with remote.Client() as c``) or
     close with :meth:`aclose`. ``credentials`` maps registry names
     (``ghcr.io``, ``localhost:5000``, ``docker.io``) to :class:`Credentials`
-    (or is one, for every registry); ``docker_config`` reads
-    ``~/.docker/config.json`` / ``$DOCKER_CONFIG`` for registries not given
-    explicitly. HTTPS first; plain HTTP only for loopback registries and
-    when ``insecure`` is true (which also accepts any certificate), after
-    HTTPS fails to connect (``_scheme``). TLS trusts the system store,
-    ``ca_file`` and the registry's certs.d directory (or ``cert_dir``), and
-    presents ``cert_file``/``key_file`` or the certs.d pair (``_tls``);
+    (or is one, for every registry); ``docker_config`` searches the auth
+    files and credential helpers (each helper given ``helper_timeout``
+    seconds) for registries not given explicitly (``_credentials``). HTTPS
+    first; plain HTTP only for loopback registries and when ``insecure`` is
+    true (which also accepts any certificate), after HTTPS fails to connect
+    (``_scheme``). TLS trusts the system store, ``ca_file`` and the
+    registry's certs.d directory (or ``cert_dir``), and presents
+    ``cert_file``/``key_file`` or the certs.d pair (``_tls``);
     ``HTTPS_PROXY``/``HTTP_PROXY``/``NO_PROXY`` are honoured except for
     loopback. ``resolver`` replaces aiohttp's
     DNS resolver for the session. Pulls try ``mirrors`` (name prefix → mirror
@@ -98,13 +100,16 @@ class Client:
         cert_file: str | os.PathLike[str] | None = None,
         key_file: str | os.PathLike[str] | None = None,
         cert_dir: str | os.PathLike[str] | None = None,
+        helper_timeout: float = HELPER_TIMEOUT,
     ) -> None:
         if key_file is not None and cert_file is None:
             raise ValueError("key_file needs cert_file")
         self._router = make_router(mirrors, registries_conf)
         if self._router is not None:
             credentials = self._router.credentials(credentials)
-        self._credentials = CredentialStore(credentials, docker_config=docker_config)
+        self._credentials = CredentialStore(
+            credentials, files=docker_config, helper_timeout=helper_timeout
+        )
         self.insecure = insecure
         self.retry = retry or RetryPolicy()
         self._limit_per_host = limit_per_host
@@ -172,7 +177,7 @@ class Client:
         if not realm:
             raise UnauthorizedError(f"{ref.context}: bearer challenge without a realm")
         url = check_realm(realm, ref, self._insecure(ref))
-        creds = self._credentials.get(ref.registry)
+        creds = await self._credentials.get(ref)
         req = token_request(url, ch, scope, creds)
         resp = await self._send(req.method, req.url, headers=req.headers, data=req.form, ref=ref)
         async with resp:
@@ -202,8 +207,8 @@ class Client:
             token = await self._tokens.get_or_fetch((ref.endpoint, scope), stale, fetch)
             return "Bearer " + token
         if ch.scheme == "basic":
-            creds = self._credentials.get(ref.registry)
-            if creds.empty:
+            creds = await self._credentials.get(ref)
+            if not (creds.username or creds.password):  # none, or an identity token only
                 return None
             return creds.basic()
         return None
