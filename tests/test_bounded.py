@@ -199,3 +199,30 @@ def test_four_processes_with_different_bounds_share_one_directory(tmp_path: Path
     usage = (tmp_path / "c" / ".aiolayercache" / "usage").read_text().strip()
     assert abs(int(usage) - total) <= max(bounds)  # the shared total tracks the directory
     assert not os.listdir(tmp_path / "c" / ".aiolayercache" / "tmp")
+
+
+@pytest.mark.parametrize("trap", ["symlink", "directory", "fifo"])
+async def test_a_booby_trapped_usage_file_never_fails_a_pull_nor_the_bound(
+    trap: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    state = tmp_path / "c" / ".aiolayercache"
+    state.mkdir(parents=True)
+    outside = tmp_path / "outside"
+    outside.write_text("42\n")
+    usage = state / "usage"
+    if trap == "symlink":
+        usage.symlink_to(outside)
+    elif trap == "directory":
+        usage.mkdir()
+    else:
+        os.mkfifo(usage)
+    fs = FilesystemCache(tmp_path / "c", max_bytes=MiB)
+    with anyio.fail_after(60):
+        for i in range(3):
+            img = random.image(300 * 1024, 2, seed=120 + i)
+            await layout.write(tmp_path / f"out{i}", cache.image(img, fs))
+            await validate.image(await layout.image(tmp_path / f"out{i}"))
+    assert sum(entry_sizes(tmp_path / "c").values()) <= MiB
+    assert outside.read_text() == "42\n"  # nothing written through the link
+    assert fs.stats().evictions > 0
+    assert [r for r in caplog.records if "counts on its own" in r.getMessage()]

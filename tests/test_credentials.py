@@ -519,3 +519,16 @@ async def test_a_helper_that_exits_but_leaves_a_child_holding_its_output_is_boun
         await store.get(Reference.parse("h.example/r"))
     assert time.monotonic() - t0 < 5
     await gone(int(pidfile.read_text()))
+
+
+def test_login_refuses_a_config_that_is_not_a_regular_file(
+    env: Env, basic_registry: Registry
+) -> None:
+    env.docker.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(env.docker / "config.json")
+    out = subprocess.run(
+        [*CLI, "login", basic_registry.host, "-u", USER, "--password-stdin"],
+        input=PASSWORD, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert out.returncode == 2, out
+    assert "not a regular file" in out.stderr

@@ -516,3 +516,21 @@ async def test_https_proxy_tunnels_a_public_name(
     async with Client(ca_file=pki.ca_file, resolver=TestResolver()) as c:
         assert await pull(c, ref) == published.small_digest
     assert len(proxy.connects) == seen
+
+
+def test_a_loopback_registry_cannot_send_credentials_to_a_remote_plain_http_realm() -> None:
+    loop = Reference.parse("127.0.0.1:5000/x:y")
+    assert check_target(URL("http://evil.example:5610/token"), loop, False) is not None
+    assert check_target(URL("http://127.0.0.1:5610/token"), loop, False) is None
+    assert check_target(URL("https://auth.example/token"), loop, False) is None
+
+
+async def test_a_fifo_in_cert_dir_is_an_error_not_a_hang(
+    tls_registries: dict[str, Registry], tmp_path: Path
+) -> None:
+    d = tmp_path / "certs"
+    d.mkdir()
+    os.mkfifo(d / "ca.crt")
+    with anyio.fail_after(20), pytest.raises(Exception, match="not a regular file"):
+        async with Client(cert_dir=d) as c:
+            await pull(c, f"{tls_registries['good'].host}/test/small:v1")

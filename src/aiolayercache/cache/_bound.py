@@ -65,13 +65,36 @@ class Budget:
         self._commits = 0
         self.evictions = 0
         self._warned_big = False
+        self._shared = True  # the usage file works (else: _local, this process's count)
+        self._local = 0
         self.lock = threading.Lock()  # the index is used from the loop and from threads
 
     # --- the shared total -----------------------------------------------------------------
 
     def _add(self, delta: int | None, absolute: int | None = None) -> int:
-        """Add ``delta`` to the shared total (or set it); the new total."""
-        fd = os.open(self._usage, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        """Add ``delta`` to the shared total (or set it); the new total.
+
+        A ``usage`` that cannot be used (a symlink, a directory, a FIFO, no
+        permission) never fails a commit: this process then keeps its own
+        count (one warning) and keeps its own bound by it.
+        """
+        if self._shared:
+            try:
+                return self._add_shared(delta, absolute)
+            except OSError as exc:
+                self._shared = False
+                log.warning(
+                    "cache %s: %s cannot be used (%s); this process counts on its own",
+                    self.store.label,
+                    self._usage,
+                    exc.strerror or exc,
+                )
+        total = absolute if absolute is not None else max(0, self._local + (delta or 0))
+        self._local = total
+        return total
+
+    def _add_shared(self, delta: int | None, absolute: int | None) -> int:
+        fd = os.open(self._usage, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
         try:
             if fcntl is not None:
                 fcntl.flock(fd, fcntl.LOCK_EX)

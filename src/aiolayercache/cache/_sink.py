@@ -81,7 +81,10 @@ class EntrySink:
             self._release()
 
     def _record(self) -> None:
-        st = os.stat(self._file.final)
+        try:
+            st = os.stat(self._file.final)
+        except FileNotFoundError:
+            return  # a bounded cache in another process evicted it already: nothing to prove
         meta = Meta(st.st_size, st.st_mtime_ns, st.st_ino, sniff(self._file.head), **self._info)
         self._store.save(self._file.final, meta)
         if self._on_commit is not None:  # (in the file's worker thread, after the rename)

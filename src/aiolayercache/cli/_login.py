@@ -18,6 +18,7 @@ import contextlib
 import getpass
 import json
 import os
+import stat
 import sys
 import tempfile
 from pathlib import Path
@@ -43,12 +44,21 @@ def parse_registry(text: str) -> str:
         raise UsageError(f"REGISTRY {text!r} is not a registry host[:port]") from None
 
 
+MAX_CONFIG = 16 * 1024 * 1024
+
+
 def _key(registry: str) -> str:
     """The ``auths`` key docker writes: its v1 URL for Docker Hub, else ``host[:port]``."""
     return HUB_SERVER if registry == HUB else registry
 
 
 def _load(path: Path) -> dict[str, Any]:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return {}
+    if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_CONFIG:
+        raise UsageError(f"{path} is not a regular file of at most 16 MiB; not touching it")
     try:
         text = path.read_text()
     except FileNotFoundError:

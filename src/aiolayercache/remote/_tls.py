@@ -140,6 +140,8 @@ def build_context(
             pair = (cfg.cert_file, cfg.key_file)
         if d is not None:
             for crt in sorted(d.glob("*.crt")):
+                if not crt.is_file():  # (a FIFO would hang the load; a dir is not a file)
+                    raise ValueError(f"{crt} is not a regular file")
                 ctx.load_verify_locations(cafile=os.fspath(crt))
             found = _client_pair(name, d)
             pair = pair or found
