@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from .._errors import AioLayerCacheError, InvalidDigestError
 from .._hash import Hash
 
-__all__ = ["DOCKER_HUB", "InvalidReferenceError", "Reference"]
+__all__ = ["DOCKER_HUB", "InvalidReferenceError", "Reference", "is_loopback_host"]
 
 DOCKER_HUB = "docker.io"
 DOCKER_HUB_ENDPOINT = "registry-1.docker.io"
@@ -184,13 +184,7 @@ class Reference:
 
     @property
     def is_loopback(self) -> bool:
-        h = self.host
-        if h == "localhost" or h.endswith(".localhost"):
-            return True
-        try:
-            return ipaddress.ip_address(h).is_loopback
-        except ValueError:
-            return False
+        return is_loopback_host(self.host)
 
     def with_digest(self, h: Hash) -> Reference:
         return Reference(self.registry, self.repository, self.tag, h)
@@ -207,3 +201,14 @@ class Reference:
         if self.digest is not None:
             s += f"@{self.digest}"
         return s
+
+
+def is_loopback_host(host: str) -> bool:
+    """``localhost`` (and ``*.localhost``) or a loopback address literal (brackets allowed)."""
+    h = host.strip("[]").lower().rstrip(".")
+    if h == "localhost" or h.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(h).is_loopback
+    except ValueError:
+        return False

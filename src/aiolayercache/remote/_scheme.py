@@ -26,7 +26,7 @@ import anyio
 from yarl import URL
 
 from ._errors import NET_ERRORS, RemoteError, TransportError, redact
-from ._reference import Reference
+from ._reference import Reference, is_loopback_host
 from ._tls import CLIENT_CERT_ALERTS, TLSConfig, build_context, describe, probe_context, tls_problem
 from ._urls import check_target, origin, schemes_for
 
@@ -34,16 +34,6 @@ __all__ = ["MAX_REDIRECTS", "Reach", "is_loopback_host", "proxy_for"]
 
 MAX_REDIRECTS = 5
 Proxy = tuple[URL, dict[str, str]]  # the proxy and its Proxy-Authorization, if any
-
-
-def is_loopback_host(host: str) -> bool:
-    h = host.strip("[]")
-    if h == "localhost" or h.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(h).is_loopback
-    except ValueError:
-        return False
 
 
 def _env_proxies(env: Mapping[str, str]) -> dict[str, str]:

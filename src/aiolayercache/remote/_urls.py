@@ -11,7 +11,7 @@ import socket
 
 from yarl import URL
 
-from ._reference import Reference
+from ._reference import Reference, is_loopback_host
 
 __all__ = ["check_target", "origin", "schemes_for"]
 
@@ -89,7 +89,7 @@ def check_target(
     if credentials:
         if url.scheme == "http" and "http" not in schemes_for(registry, insecure):
             return "is not https"
-        if url.scheme == "http" and not insecure and not _is_loopback_host(url.host):
+        if url.scheme == "http" and not insecure and not is_loopback_host(url.host):
             # A loopback registry (a tunnel, a port-forward) may send its realm elsewhere:
             # credentials never cross the network in clear text unless told so.
             return "is plain http to a host that is not loopback"
@@ -100,10 +100,3 @@ def check_target(
     if _is_private(url.host) and not _is_private(registry.host):
         return "is a private address and the registry is public"
     return None
-
-
-def _is_loopback_host(host: str) -> bool:
-    if host.lower().rstrip(".") == "localhost":
-        return True
-    ip = _literal_ip(host)
-    return ip is not None and ip.is_loopback
