@@ -107,8 +107,8 @@ def human(n: float) -> str:
     return f"{n:.1f} TiB"  # pragma: no cover
 
 
-def _push_options(p: argparse.ArgumentParser) -> None:
-    """The options copy and push share."""
+def _platform_options(p: argparse.ArgumentParser, all_help: str) -> None:
+    """``--platform`` or ``--all-platforms`` (pull and copy)."""
     plat = p.add_mutually_exclusive_group()
     plat.add_argument(
         "--platform",
@@ -117,9 +117,12 @@ def _push_options(p: argparse.ArgumentParser) -> None:
         help="which image of an index (default: this host); a single image of "
         "another platform is an error",
     )
-    plat.add_argument(
-        "--all-platforms", action="store_true", help="copy a whole index (every platform)"
-    )
+    plat.add_argument("--all-platforms", action="store_true", help=all_help)
+
+
+def _push_options(p: argparse.ArgumentParser) -> None:
+    """The options copy and push share."""
+    _platform_options(p, "copy a whole index (every platform)")
     p.add_argument(
         "-j", "--jobs", type=int, default=4, metavar="N", help="blobs pushed at once (default 4)"
     )
@@ -232,17 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--no-cache", action="store_true", help="pull without the local layer cache")
     add_fleet_option(pull)
     add_max_size_option(pull)
-    plat = pull.add_mutually_exclusive_group()
-    plat.add_argument(
-        "--platform",
-        type=parse_platform,
-        metavar="OS/ARCH[/VARIANT]",
-        help="which image of an index (default: this host); a single image of "
-        "another platform is an error",
-    )
-    plat.add_argument(
-        "--all-platforms", action="store_true", help="keep whole indexes (every platform)"
-    )
+    _platform_options(pull, "keep whole indexes (every platform)")
     pull.add_argument(
         "--name",
         action="append",
