@@ -9,6 +9,7 @@ import os
 import re
 import secrets
 import stat
+import threading
 import weakref
 from collections import deque
 from collections.abc import Callable
@@ -28,7 +29,7 @@ try:
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["AtomicFile", "fsync_dir", "sweep_temps"]
+__all__ = ["AtomicFile", "DirSync", "fsync_dir", "sweep_temps"]
 
 SYNC_EVERY = 32 * 1024 * 1024
 MAX_QUEUED = 8 * 1024 * 1024  # bytes of writes queued before ``write`` waits
@@ -46,6 +47,53 @@ def fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class DirSync:
+    """Group commit of one directory's fsync: renames that land together share one.
+
+    :meth:`sync` (blocking, in a worker thread, after a rename) returns once an
+    fsync of the directory that *started after the call* has finished: the
+    caller's rename is then durable. A caller that finds an fsync running
+    waits for the next one, which the first waiter starts: when many entries
+    commit at once, the directory is synced a few times, not once per entry.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._cond = threading.Condition()
+        self._started = 0  # fsyncs begun
+        self._done = 0  # fsyncs finished (in order)
+        self._running = False
+        self._error: tuple[int, OSError] | None = None
+        self.syncs = 0  # how many fsyncs ran (for tests and stats)
+
+    def sync(self) -> None:
+        with self._cond:
+            target = self._started + 1  # an fsync that begins after our rename
+            while self._done < target:
+                if self._running:
+                    self._cond.wait()
+                    continue
+                self._running = True
+                self._started += 1
+                gen = self._started
+                self._cond.release()
+                error: OSError | None = None
+                try:
+                    fsync_dir(self.path)
+                except OSError as exc:
+                    error = exc
+                finally:
+                    self._cond.acquire()
+                    self._running = False
+                    self._done = gen
+                    self.syncs += 1
+                    if error is not None:
+                        self._error = (gen, error)
+                    self._cond.notify_all()
+            if self._error is not None and self._error[0] >= target:
+                raise self._error[1]
 
 
 # The names AtomicFile gives its temp files: ".<tag>.<16 hex>.tmp".
@@ -112,15 +160,23 @@ class AtomicFile:
     """
 
     def __init__(
-        self, final: str, tmp_dir: str, *, durable: bool, tag: str = "blob", sync_dir: bool = True
+        self,
+        final: str,
+        tmp_dir: str,
+        *,
+        durable: bool,
+        tag: str = "blob",
+        sync_dir: bool | DirSync = True,
     ) -> None:
         self.final = final
         self._tmp_dir = tmp_dir
         self._tag = tag
         self.tmp = self._new_name()
         self.durable = durable
-        # False: the caller fsyncs the directory itself, once for many files.
+        # False: the caller fsyncs the directory itself, once for many files; a DirSync:
+        # commits that land together share one fsync of the directory.
         self.sync_dir = sync_dir
+        self._raw: Any = None  # the unbuffered file object over the temp descriptor
         self.head = b""
         self.size = 0
         self._fd_box: list[int] = []
@@ -170,18 +226,25 @@ class AtomicFile:
             self.tmp = self._new_name()
         raise OSError(f"temp files in {self._tmp_dir} keep disappearing")
 
-    async def open(self) -> None:
-        fd = await anyio.to_thread.run_sync(self._open_sync)
+    def open_sync(self) -> None:
+        """Create and lock the temp file. Blocking: call it in a worker thread, alone
+        (:meth:`open`) or inside a bigger job of the caller's; then :meth:`attach`."""
+        fd = self._open_sync()
         self._fd_box.append(fd)
         self._finalizer = weakref.finalize(self, _cleanup, self.tmp, self._fd_box)
+        # closefd=False: the descriptor (and its flock) stays ours until the commit.
+        self._raw = open(fd, "wb", buffering=0, closefd=False)  # noqa: SIM115
+
+    def attach(self) -> None:
+        """(On the event loop, after :meth:`open_sync`.) Ready the file for :meth:`write`."""
         self._executor = SerialExecutor()
-        try:
-            self._file = await aiofiles.open(
-                fd, "wb", buffering=0, closefd=False, executor=self._executor
-            )
-        except BaseException:
-            await self.discard()
-            raise
+        loop = asyncio.get_running_loop()
+        self._file = aiofiles.threadpool.binary.AsyncFileIO(self._raw, loop, self._executor)
+
+    async def open(self) -> None:
+        """Create the temp file: one worker-thread job."""
+        await anyio.to_thread.run_sync(self.open_sync)
+        self.attach()
 
     def _check(self, what: str) -> aiofiles.threadpool.binary.AsyncFileIO:
         if self._file is None:
@@ -307,27 +370,29 @@ class AtomicFile:
             raise
         if self._finalizer is not None:
             self._finalizer.detach()
-        if self.durable and self.sync_dir:
+        if self.durable and isinstance(self.sync_dir, DirSync):
+            self.sync_dir.sync()
+        elif self.durable and self.sync_dir:
             fsync_dir(os.path.dirname(self.final))
 
     async def commit(self, after: Callable[[], object] | None = None) -> None:
         """Wait for the writes, then fsync, rename and fsync the directory.
 
-        The last three, and ``after`` (run right after the rename), are one job
-        on the file's executor: one thread hop, which small entries feel.
+        All of it, and ``after`` (run right after the rename), is one job on
+        the file's executor: one thread hop, which small entries feel.
         """
-        f = self._check("commit")
+        self._check("commit")
         await self._settle(0)
         self._file = None
-        loop = asyncio.get_running_loop()
-        await f.close()  # closefd=False: the descriptor (and its flock) stays ours
+        raw, self._raw = self._raw, None
 
         def finish() -> None:
+            raw.close()  # closefd=False: marks it closed; the descriptor is closed below
             self._finish_sync()
             if after is not None:
                 after()
 
-        await loop.run_in_executor(self._executor, finish)
+        await asyncio.get_running_loop().run_in_executor(self._executor, finish)
 
     async def discard(self) -> None:
         """Drop the temp file (waits for a write in progress). Never raises OSError."""

@@ -8,6 +8,7 @@ directory, so neither loses the other's images.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import secrets
@@ -111,32 +112,45 @@ class _Writer:
             return
         self.claimed.add(h)
         async with self.limiter:
-            if await anyio.to_thread.run_sync(self._verified, h, desc.size):
+            out = self._temp(h)
+            # One worker-thread job: is the blob there already, else create its temp file.
+            if await anyio.to_thread.run_sync(self._verified_or_open, h, desc.size, out):
                 self.reused += 1
                 return
             try:
-                await self._put(desc, open_)
+                await self._put(desc, open_, out)
             except (DigestMismatchError, CacheReadError) as exc:
                 # A source that was proven once and rotted since (a cache entry) has
                 # condemned itself, or a cache stopped serving it: open it again, which
                 # fetches the bytes anew (elsewhere).
                 log.warning("layout %s: %s; reading %s once more", self.root, exc, h)
-                await self._put(desc, open_)
+                out = self._temp(h)
+                await anyio.to_thread.run_sync(out.open_sync)
+                await self._put(desc, open_, out)
             self.written += 1
 
-    async def _put(self, desc: Descriptor, open_: partial.Opener) -> None:
-        """Write one blob: a temp file, verified in full, then renamed; a proof last."""
-        h = desc.digest
+    def _temp(self, h: Hash) -> AtomicFile:
         blob_dir = os.path.dirname(blob_path(self.root, h))
-        out = AtomicFile(
+        self.dirs.add(blob_dir)
+        return AtomicFile(
             blob_path(self.root, h),
             blob_dir,
             durable=self.durable,
             tag=h.hex[:16],
             sync_dir=False,  # one fsync of the directory before index.json, for all
         )
-        self.dirs.add(blob_dir)
-        await out.open()
+
+    def _verified_or_open(self, h: Hash, size: int, out: AtomicFile) -> bool:
+        if self._verified(h, size):
+            return True
+        out.open_sync()
+        return False
+
+    async def _put(self, desc: Descriptor, open_: partial.Opener, out: AtomicFile) -> None:
+        """Write one blob into ``out`` (its temp file made): verified in full, then
+        renamed; a proof last, in the same worker-thread job as the rename."""
+        h = desc.digest
+        out.attach()
         try:
             raw = await open_()
             proven = raw.extra(StreamAttribute.proven_file, None)
@@ -154,12 +168,11 @@ class _Writer:
                 async with stream:
                     async for chunk in stream:
                         await out.write(chunk)
-            await out.commit()
+            # Only bytes hashed on their way in earn a proof.
+            await out.commit(after=functools.partial(_record_proof, out.final, h))
         except BaseException:
             await out.discard()
             raise
-        # Only bytes hashed on their way in earn a proof.
-        await anyio.to_thread.run_sync(_record_proof, out.final, h)
 
     async def data(self, desc: Descriptor, raw: bytes) -> None:
         actual = Hash.of(raw, desc.digest.algorithm)

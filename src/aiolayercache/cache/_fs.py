@@ -25,10 +25,11 @@ import stat
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import anyio
 import anyio.to_thread
+from aiofiles.threadpool.binary import AsyncFileIO
 from anyio.abc import ByteReceiveStream
 
 from .._atomic import sweep_temps
@@ -246,22 +247,19 @@ class FilesystemCache:
         if not decided:
             meta = await anyio.to_thread.run_sync(store.lookup, h)
         if meta is not None:
-            store.note_use(store.entry(h))
-            if self._budget is not None:
-                self._budget.used(h)
+            self._used(store, h)
         return meta
 
-    async def _open_entry(self, h: Hash, meta: Meta) -> ByteReceiveStream:
-        """A verified stream of entry ``h``; FileNotFoundError if it is gone, another
-        OSError if it cannot be read (then it is a miss)."""
-        store = await self._ready()
+    def _used(self, store: ProofStore, h: Hash) -> None:
+        store.note_use(store.entry(h))
+        if self._budget is not None:
+            self._budget.used(h)
+
+    def _stream(self, store: ProofStore, h: Hash, meta: Meta, file: Any) -> ByteReceiveStream:
+        """A verified stream of entry ``h`` over its open ``file``."""
         entry = store.entry(h)
-        fs = await FileStream.open(entry, regular=True)
-        try:
-            st = os.fstat(fs.fileno())
-        except BaseException:
-            await fs.aclose()
-            raise
+        fs = FileStream(AsyncFileIO(file, asyncio.get_running_loop(), None), entry)
+        st = os.fstat(fs.fileno())
 
         async def on_mismatch() -> None:
             log.warning("cache %s: entry %s changed after it was verified; removed", self.path, h)
@@ -281,18 +279,25 @@ class FilesystemCache:
         )
 
     async def open_committed(self, h: Hash) -> ByteReceiveStream | None:
-        """A verified stream of the committed entry ``h``; None when there is no usable one."""
-        meta = await self._lookup(h)
-        if meta is None:
-            return None
+        """A verified stream of the committed entry ``h``; None when there is no usable one.
+
+        One worker-thread job at most: the lookup (unless this process proved the
+        entry already) and the open."""
+        store = await self._ready()
+        decided, meta = store.proven_now(h)
+        if decided and meta is None:
+            return None  # a miss, seen with one lstat
         try:
-            return await self._open_entry(h, meta)
+            got = await anyio.to_thread.run_sync(store.open_entry, h, meta)
         except FileNotFoundError:
             return None
         except OSError as exc:  # unreadable, or no longer a regular file
-            store = await self._ready()
             await anyio.to_thread.run_sync(store.unusable, store.entry(h), exc)
             return None
+        if got is None:
+            return None
+        self._used(store, h)
+        return self._stream(store, h, *got)
 
     async def remember(self, h: Hash, meta: Meta) -> None:
         store = await self._ready()

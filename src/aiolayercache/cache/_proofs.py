@@ -10,6 +10,7 @@ proof file records the entry's last use.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -17,10 +18,11 @@ import secrets
 import stat
 import time
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import Any, BinaryIO
 
+from .._atomic import DirSync
 from .._hash import Hash
-from ..streams import CHUNK_SIZE, sniff
+from ..streams import CHUNK_SIZE, NotARegularFileError, sniff
 
 __all__ = ["Meta", "ProofStore", "entry_name"]
 
@@ -85,6 +87,8 @@ class ProofStore:
         self.tmpdir = tmpdir  # "" while the cache is only read: nothing is saved then
         self.asidedir = asidedir
         self._warned: set[str] = set()
+        # Entries committed together share one fsync of the entries' directory.
+        self.dirsync = DirSync(root)
 
     def entry(self, h: Hash) -> str:
         return os.path.join(self.root, entry_name(h))
@@ -176,6 +180,25 @@ class ProofStore:
             _PROOFS[entry] = m
             return m
         return self.verify(h, entry, m)
+
+    def open_entry(self, h: Hash, meta: Meta | None) -> tuple[Meta, BinaryIO] | None:
+        """:meth:`lookup` (unless ``meta`` proves entry ``h`` already), then open it: its
+        meta and file, or None for a miss. FileNotFoundError if it went meanwhile;
+        another OSError if it cannot be read (then it is :meth:`unusable`)."""
+        if meta is None:
+            meta = self.lookup(h)
+            if meta is None:
+                return None
+        entry = self.entry(h)
+        # Only as itself (no symlink), never blocking (a FIFO planted there).
+        fd = os.open(entry, os.O_RDONLY | _NOFOLLOW | os.O_CLOEXEC)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise NotARegularFileError(errno.EINVAL, "not a regular file", entry)
+            return meta, open(fd, "rb", buffering=0)
+        except BaseException:
+            os.close(fd)
+            raise
 
     def verify(self, h: Hash, entry: str, old: Meta | None) -> Meta | None:
         """Hash ``entry`` in full; record and return its proof, or remove it if it is bad."""

@@ -50,7 +50,9 @@ class EntrySink:
         self._on_error = on_error
         self._on_commit = on_commit
         self._lock_box = [lock_fd] if lock_fd is not None else []
-        self._file = AtomicFile(store.entry(h), store.tmpdir, durable=durable, tag=h.hex[:16])
+        self._file = AtomicFile(
+            store.entry(h), store.tmpdir, durable=durable, tag=h.hex[:16], sync_dir=store.dirsync
+        )
         self._finalizer = weakref.finalize(self, _orphaned, flight, self._lock_box)
 
     async def open(self) -> None:
