@@ -158,3 +158,39 @@ async def test_thread_jobs_per_blob_cold_fill(
     # Per blob: create the entry's temp file; check the layout and create its temp file.
     # Commits are one job each on the files' executors. Before: seven or more.
     assert hops.n <= 2 * (n + 2) + 12, hops.n
+
+
+def test_a_pull_into_a_layout_imports_only_its_own_modules(tmp_path: Path) -> None:
+    """Start-up: ``pull`` loads neither the fleet, the tarball format, nor the other
+    commands (each costs import time on every run); ``--fleet`` would."""
+    import subprocess
+    import sys
+
+    src = tmp_path / "src"
+    asyncio_run = (
+        "import asyncio\n"
+        "from aiolayercache import layout, random\n"
+        f"asyncio.run(layout.write({str(src)!r}, random.image(1024, 2), ref_name='x'))\n"
+    )
+    subprocess.run([sys.executable, "-c", asyncio_run], check=True, timeout=60)
+    probe = (
+        "import sys\n"
+        "from aiolayercache.cli import main\n"
+        f"code = main(['pull', 'oci:{src}:x', {str(tmp_path / 'dest')!r}, "
+        f"'--cache-dir', {str(tmp_path / 'c')!r}, '-q'])\n"
+        "print(code)\n"
+        "print(' '.join(sorted(m for m in sys.modules if m.startswith('aiolayercache'))))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    ).stdout.splitlines()
+    assert out[-2] == "0", out
+    loaded = set(out[-1].split())
+    assert "aiolayercache.cli._pull" in loaded  # the probe ran the pull it meant to
+    for lazy in (
+        "aiolayercache.fleet",
+        "aiolayercache.tarball",
+        "aiolayercache.cli._copy",
+        "aiolayercache.cli._login",
+    ):
+        assert lazy not in loaded, lazy

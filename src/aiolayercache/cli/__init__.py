@@ -13,10 +13,16 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import anyio
 
 from ._args import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, UsageError, build_parser
+
+if TYPE_CHECKING:
+    from ._copy import CopyState
+    from ._progress import Reporter
+    from ._pull import DestState
 
 __all__ = ["EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "UsageError", "main", "run"]
 
@@ -30,32 +36,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
-    # The one lazy import in the CLI, on purpose: the commands load the library,
-    # aiohttp and rich (about three times what --help loads), so only a command
-    # that runs pays for them; --help, --version and usage errors exit above.
-    from . import _cache_cmd, _caches, _copy, _login, _progress, _pull
-
+    # The CLI's lazy imports, on purpose: the commands load the library, aiohttp and
+    # rich (about three times what --help loads), so only a command that runs pays for
+    # them, and each only for its own modules (--help, --version and usage errors exit
+    # above).
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.WARNING,
         format="aiolayercache: %(message)s",
     )
-    rep: _progress.Reporter | None = None
-    # What DEST was, so an interrupt can say truly what it left (names only: cheap).
-    before = _pull.dest_state(args.dest) if args.command == "pull" else None
-    copying = _copy.CopyState() if args.command in ("copy", "push") else None
+    rep: Reporter | None = None  # once a pull or copy runs
+    before: DestState | None = None  # what DEST was, so an interrupt can say what it left
+    copying: CopyState | None = None
     try:
         if args.command in ("login", "logout"):
+            from . import _login
+
             code = anyio.run(_login.login if args.command == "login" else _login.logout, args)
         elif args.command == "cache" and args.fleet:  # cache ls --fleet REPO
+            from . import _caches
+
             code = anyio.run(_caches.fleet_ls, args)
         elif args.command == "cache":
+            from . import _cache_cmd
+
             code = anyio.run(_cache_cmd.cache_command, args)
         else:
+            from . import _progress
+
             mode = "quiet" if args.quiet else ("rich" if sys.stderr.isatty() else "plain")
-            if copying is not None:
+            if args.command in ("copy", "push"):
+                from . import _copy
+
+                copying = _copy.CopyState()
                 rep = _progress.Reporter(mode, action="copy")
                 code = anyio.run(_copy.copy, args, rep, copying)
             else:
+                from . import _pull
+
+                before = _pull.dest_state(args.dest)  # names only: cheap
                 rep = _progress.Reporter(mode)
                 code = anyio.run(_pull.pull, args, rep)
     except UsageError as exc:
@@ -66,8 +84,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         code = EXIT_INTERRUPTED
         if before is not None:
+            from . import _pull
+
             what = _pull.interrupted(args.dest, before)
         elif copying is not None:
+            from . import _copy
+
             what = _copy.interrupted(args.dest, copying)
         else:
             what = "nothing was changed"
@@ -81,7 +103,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = EXIT_FAILED
     if rep is not None:
         rep.close()
-        print(_copy.summary(rep, copying) if copying is not None else rep.summary())
+        if copying is not None:
+            from . import _copy
+
+            print(_copy.summary(rep, copying))
+        else:
+            print(rep.summary())
     return int(code)
 
 

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import TYPE_CHECKING
 
 import anyio
 
 from .. import Hash
 from ..cache import Cache, FilesystemCache, tiered
-from ..fleet import EntryInfo, RegistryCache
 from ..remote import Client, InvalidReferenceError, Reference
 from ._args import EXIT_OK, FLEET_ENV, MAX_SIZE_ENV, UsageError, parse_size
 from ._cache_cmd import default_cache_dir
+
+if TYPE_CHECKING:  # the fleet is imported when a command uses one
+    from ..fleet import EntryInfo, RegistryCache
 
 __all__ = ["fleet_ls", "fleet_repo", "layer_cache"]
 
@@ -45,7 +48,11 @@ def layer_cache(
     if local:
         fs = FilesystemCache(args.cache_dir or default_cache_dir(), max_bytes=max_size(args))
     repo = fleet_repo(args)
-    fleet = RegistryCache(repo, client=client) if repo is not None else None
+    fleet = None
+    if repo is not None:
+        from ..fleet import RegistryCache
+
+        fleet = RegistryCache(repo, client=client)
     if fs is not None and fleet is not None:
         return tiered(fs, fleet), fleet
     return (fs or fleet), fleet
@@ -66,6 +73,8 @@ def fleet_repo(args: argparse.Namespace) -> Reference | None:
 
 async def fleet_ls(args: argparse.Namespace) -> int:
     """``cache ls --fleet REPO``: each entry's hash, size and kind, from its manifest."""
+    from ..fleet import RegistryCache
+
     repo = fleet_repo(args)
     assert repo is not None
     limiter = anyio.CapacityLimiter(8)

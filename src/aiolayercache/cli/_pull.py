@@ -11,7 +11,7 @@ from typing import Any, cast
 
 import anyio
 
-from .. import Hash, Image, cache, layout, mutate, tarball
+from .. import Hash, Image, cache, layout, mutate
 from ..cache import Counted
 from ..remote import Client, InvalidReferenceError, Reference
 from ._args import EXIT_FAILED, EXIT_OK, UsageError
@@ -176,6 +176,8 @@ async def pull(args: argparse.Namespace, rep: Reporter) -> int:
                         rep.image_done(name, d.digest)
                 else:
                     images = [(name, cast("Image", t)) for name, t in targets]
+                    from .. import tarball  # only a tarball DEST needs the format
+
                     await tarball.write(args.dest, images)
                     for name, t in targets:
                         rep.image_done(name, await t.digest())

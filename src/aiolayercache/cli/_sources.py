@@ -11,7 +11,7 @@ import argparse
 import os
 from dataclasses import dataclass
 
-from .. import Image, ImageIndex, layout, tarball
+from .. import Image, ImageIndex, layout
 from .._platform import image_for_platform
 from .._types import Platform, is_index_type
 from ..layout import REF_NAME
@@ -117,6 +117,8 @@ async def resolve(
             else:
                 out.append((name, await ii.image(d.digest), True))
         return out
+    from .. import tarball  # only a tarball source needs the format
+
     imgs = await tarball.images(src.path)
     return [((img.repo_tags or [os.path.basename(src.path)])[0], img, True) for img in imgs]
 
