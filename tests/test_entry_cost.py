@@ -7,6 +7,8 @@ Counted, never timed: how many fsyncs of a directory ran and how many
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import os
 import threading
 import time
@@ -47,35 +49,34 @@ class SlowSyncs:
         return [c for c in self.calls if c[0] == os.fspath(path)]
 
 
-def test_dirsync_each_caller_waits_for_an_fsync_that_began_after_it(
+def test_dirsync_an_fsync_begins_after_every_caller_and_they_share(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     syncs = SlowSyncs(0.05)
     monkeypatch.setattr(_atomic, "fsync_dir", syncs)
     ds = DirSync(os.fspath(tmp_path))
-    spans: list[tuple[float, float]] = []
+    calls: list[float] = []
     lock = threading.Lock()
 
     def caller() -> None:
-        called = time.monotonic()
-        ds.sync()
         with lock:
-            spans.append((called, time.monotonic()))
+            calls.append(time.monotonic())
+        ds.sync()
 
     threads = [threading.Thread(target=caller) for _ in range(12)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(30)
-    assert len(spans) == 12
-    # Shared: far fewer fsyncs than callers (one running, the rest grouped into the next).
+    assert len(calls) == 12 and not any(t.is_alive() for t in threads)
+    # Shared: far fewer fsyncs than callers (one running, the rest batched into the next).
     assert ds.syncs == len(syncs.calls) < 12
-    for called, returned in spans:
-        # Some fsync began after this caller asked and ended before it returned.
-        assert any(called <= s and e <= returned for _, s, e in syncs.calls), (called, returned)
+    for called in calls:
+        # Once every caller returned, an fsync that began after each call has finished.
+        assert any(called <= s for _, s, _ in syncs.calls), called
 
 
-def test_dirsync_failure_reaches_the_callers_it_was_for(
+def test_dirsync_failure_reaches_the_caller_that_ran_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(_atomic, "fsync_dir", SlowSyncs(0.0, fail=True))
@@ -194,3 +195,144 @@ def test_a_pull_into_a_layout_imports_only_its_own_modules(tmp_path: Path) -> No
         "aiolayercache.cli._login",
     ):
         assert lazy not in loaded, lazy
+
+
+@pytest.mark.anyio
+async def test_a_sweep_right_before_the_rename_cannot_take_the_temp_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The commit renames while it still holds the temp file's lock: another writer's
+    start-up sweep (which removes unlocked temps) running in that instant spares it.
+    (Seen as FileNotFoundError from concurrent ``layout.write_all`` into one layout.)"""
+    f = _atomic.AtomicFile(str(tmp_path / "final"), str(tmp_path), durable=True, tag="t")
+    await f.open()
+    await f.write(b"x" * 1000)
+    real_replace = os.replace
+    swept: list[list[str]] = []
+
+    def replace_after_a_sweep(src: str, dst: str) -> None:
+        swept.append(_atomic.sweep_temps(str(tmp_path), ours_only=True))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(_atomic.os, "replace", replace_after_a_sweep)
+    await f.commit()
+    assert swept == [[]]
+    assert (tmp_path / "final").read_bytes() == b"x" * 1000
+
+
+@pytest.mark.anyio
+async def test_concurrent_writers_of_one_layout_write_a_shared_blob_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """32 ``layout.write`` calls at once into one layout, of images that share blobs: each
+    blob lands once (one writer writes it, the others wait for it and reuse it), and no
+    writer's start-up sweep takes another's temp file."""
+    img = random.image(256 * 1024, 2)
+    dest = tmp_path / "layout"
+    temps: list[str] = []
+    real_open = _atomic.AtomicFile.open_sync
+
+    def counted(self: _atomic.AtomicFile) -> None:
+        temps.append(self.final)
+        real_open(self)
+
+    monkeypatch.setattr(_atomic.AtomicFile, "open_sync", counted)
+
+    async with anyio.create_task_group() as tg:
+        for i in range(32):
+            tg.start_soon(lambda i=i: layout.write(dest, img, ref_name=f"img{i}"))
+    blob_temps = [p for p in temps if os.sep + "blobs" + os.sep in p]
+    # Two layers, a config and a manifest: four blobs, each written once.
+    assert len(set(blob_temps)) == 4 and len(blob_temps) == 4, sorted(blob_temps)
+    names = {
+        m["annotations"]["org.opencontainers.image.ref.name"]
+        for m in json.loads((dest / "index.json").read_text())["manifests"]
+    }
+    assert names == {f"img{i}" for i in range(32)}
+
+
+# --- a layout links the cache entries it filled -----------------------------------
+
+
+def _blob(dest: Path, d: object) -> Path:
+    h = str(d).split(":")
+    return dest / "blobs" / h[0] / h[1]
+
+
+@pytest.mark.anyio
+async def test_a_layout_links_the_entries_it_filled_and_link_false_copies(
+    tmp_path: Path,
+) -> None:
+    fs = FilesystemCache(tmp_path / "c")
+    src = random.image(200 * 1024, 3)
+    await layout.write(tmp_path / "linked", cache.image(src, fs))
+    await layout.write(
+        tmp_path / "copied", cache.image(random.image(200 * 1024, 2), fs), link=False
+    )
+    for layer in await src.layers():
+        d = await layer.digest()
+        blob, entry = _blob(tmp_path / "linked", d), tmp_path / "c" / d.filename
+        assert blob.stat().st_ino == entry.stat().st_ino  # one file, two names
+        assert "sha256:" + hashlib.sha256(blob.read_bytes()).hexdigest() == str(d)
+    for p in (tmp_path / "copied" / "blobs" / "sha256").iterdir():
+        assert p.stat().st_nlink == 1
+
+
+@pytest.mark.anyio
+async def test_an_entry_replaced_before_the_link_is_not_linked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between the entry's commit and the layout's link, the entry's name gets another
+    file (with wrong bytes): the link would not be the inode the tee hashed, so it is
+    dropped and the blob is read again (not through the cache) and written as a copy."""
+    fs = FilesystemCache(tmp_path / "c")
+    src = random.image(100 * 1024, 1)
+    (layer,) = await src.layers()
+    d = await layer.digest()
+    entry = tmp_path / "c" / d.filename
+    real_link = os.link
+    swapped: list[str] = []
+
+    def link_after_a_swap(a: str, b: str, **kw: object) -> None:
+        if a == str(entry) and not swapped:
+            bad = tmp_path / "bad"
+            bad.write_bytes(b"\0" * entry.stat().st_size)
+            os.replace(bad, entry)  # a new inode under the entry's name
+            swapped.append(a)
+        real_link(a, b, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_atomic.os, "link", link_after_a_swap)
+    await layout.write(tmp_path / "out", cache.image(src, fs))
+    assert swapped
+    blob = _blob(tmp_path / "out", d)
+    assert "sha256:" + hashlib.sha256(blob.read_bytes()).hexdigest() == str(d)
+    assert blob.stat().st_ino != entry.stat().st_ino
+
+
+@pytest.mark.anyio
+async def test_when_the_cache_cannot_keep_an_entry_the_layout_still_gets_the_blob(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The entry's temp file cannot be written (ENOSPC): nothing to link, so the blob is
+    read once more from upstream (not through the cache: one 'not caching', one fill)."""
+    fs = FilesystemCache(tmp_path / "c")
+    src = random.image(300 * 1024, 2)
+    real_open = _atomic.AtomicFile.open_sync
+
+    def no_space(self: _atomic.AtomicFile) -> None:
+        if "/c/" in self.final:
+            raise OSError(28, "No space left on device")
+        real_open(self)
+
+    monkeypatch.setattr(_atomic.AtomicFile, "open_sync", no_space)
+    with caplog.at_level(logging.WARNING, logger="aiolayercache.cache"):
+        await layout.write(tmp_path / "out", cache.image(src, fs))
+    said = [r.getMessage() for r in caplog.records if "not caching" in r.getMessage()]
+    for layer in await src.layers():
+        d = await layer.digest()
+        assert sum(str(d) in m for m in said) == 1, said  # one attempt to cache it, not two
+    assert fs.write_errors == len(said)
+    for layer in await src.layers():
+        d = await layer.digest()
+        data = _blob(tmp_path / "out", d).read_bytes()
+        assert "sha256:" + hashlib.sha256(data).hexdigest() == str(d)

@@ -50,50 +50,45 @@ def fsync_dir(path: str) -> None:
 
 
 class DirSync:
-    """Group commit of one directory's fsync: renames that land together share one.
+    """One directory's fsyncs, batched: renames that land together share one.
 
-    :meth:`sync` (blocking, in a worker thread, after a rename) returns once an
-    fsync of the directory that *started after the call* has finished: the
-    caller's rename is then durable. A caller that finds an fsync running
-    waits for the next one, which the first waiter starts: when many entries
-    commit at once, the directory is synced a few times, not once per entry.
+    :meth:`sync` (blocking, in a worker thread, after a rename) makes sure an
+    fsync of the directory *begins after the call*: it runs one itself when
+    none is running; when one is, it only marks another as due, and the
+    running thread runs that too before it returns. So commits never queue
+    behind each other's directory fsyncs, and a burst of commits costs a few
+    of them. (A cache entry whose name is lost in a power cut is fetched
+    again; its data was fsynced before the rename, so a name never shows a
+    partial file.)
     """
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._cond = threading.Condition()
-        self._started = 0  # fsyncs begun
-        self._done = 0  # fsyncs finished (in order)
+        self._lock = threading.Lock()
         self._running = False
-        self._error: tuple[int, OSError] | None = None
+        self._due = False
         self.syncs = 0  # how many fsyncs ran (for tests and stats)
 
     def sync(self) -> None:
-        with self._cond:
-            target = self._started + 1  # an fsync that begins after our rename
-            while self._done < target:
-                if self._running:
-                    self._cond.wait()
-                    continue
-                self._running = True
-                self._started += 1
-                gen = self._started
-                self._cond.release()
-                error: OSError | None = None
-                try:
-                    fsync_dir(self.path)
-                except OSError as exc:
-                    error = exc
-                finally:
-                    self._cond.acquire()
-                    self._running = False
-                    self._done = gen
+        with self._lock:
+            if self._running:
+                self._due = True  # the running thread syncs once more
+                return
+            self._running = True
+        try:
+            while True:
+                with self._lock:
+                    self._due = False
+                fsync_dir(self.path)
+                with self._lock:
                     self.syncs += 1
-                    if error is not None:
-                        self._error = (gen, error)
-                    self._cond.notify_all()
-            if self._error is not None and self._error[0] >= target:
-                raise self._error[1]
+                    if not self._due:
+                        self._running = False
+                        return
+        except BaseException:
+            with self._lock:
+                self._running = False
+            raise
 
 
 # The names AtomicFile gives its temp files: ".<tag>.<16 hex>.tmp".
@@ -177,6 +172,7 @@ class AtomicFile:
         # commits that land together share one fsync of the directory.
         self.sync_dir = sync_dir
         self._raw: Any = None  # the unbuffered file object over the temp descriptor
+        self.identity: tuple[int, int] | None = None  # (st_dev, st_ino) once committed
         self.head = b""
         self.size = 0
         self._fd_box: list[int] = []
@@ -360,14 +356,19 @@ class AtomicFile:
         fd = self._fd_box[0]
         if self.durable:
             os.fsync(fd)
-        self._fd_box.pop()
-        os.close(fd)
+        st = os.fstat(fd)
+        self.identity = (st.st_dev, st.st_ino)
+        # Rename while the descriptor (and its flock) is still held: a sweep in another
+        # writer removes only unlocked temp files, and would take this one otherwise.
         try:
             os.replace(self.tmp, self.final)
         except OSError:
             with contextlib.suppress(OSError):
                 os.unlink(self.tmp)  # the final name cannot be taken: leave nothing behind
             raise
+        finally:
+            self._fd_box.pop()
+            os.close(fd)
         if self._finalizer is not None:
             self._finalizer.detach()
         if self.durable and isinstance(self.sync_dir, DirSync):
@@ -393,6 +394,68 @@ class AtomicFile:
                 after()
 
         await asyncio.get_running_loop().run_in_executor(self._executor, finish)
+
+    def _link_sync(self, source: tuple[str, int, int], fsync: bool) -> bool:
+        path, dev, ino = source
+        try:
+            os.link(path, self.final, follow_symlinks=False)
+        except OSError:  # another filesystem, not allowed, too many links, gone, there
+            return False
+        try:
+            st = os.lstat(self.final)
+            if (st.st_dev, st.st_ino) != (dev, ino):
+                # Replaced between its commit and our link: never keep bytes not hashed.
+                if stat.S_ISREG(st.st_mode):
+                    os.unlink(self.final)
+                return False
+            if fsync:  # the source was not fsynced (a "fast" cache) but this file must be
+                fd = os.open(self.final, os.O_RDONLY | _NOFOLLOW)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(self.final)
+            return False
+        # The temp file was never written: drop it.
+        os.close(self._fd_box.pop())
+        if self._finalizer is not None:
+            self._finalizer.detach()
+        with contextlib.suppress(OSError):
+            os.unlink(self.tmp)
+        return True
+
+    async def commit_link(
+        self,
+        source: tuple[str, int, int],
+        *,
+        source_durable: bool,
+        after: Callable[[], object] | None = None,
+    ) -> bool:
+        """Become a hard link to ``source`` = (path, st_dev, st_ino) instead of a copy.
+
+        One job: link ``source`` at the final name (atomic, as a rename), check
+        that the name now holds that very inode (else remove it), then drop the
+        unwritten temp file and run ``after``. False, with the temp file kept
+        for writing, when the link cannot be made (another filesystem, not
+        permitted, the final name taken, the source replaced or gone).
+        """
+        self._check("link")
+        await self._settle(0)
+        fsync = self.durable and not source_durable
+
+        def link() -> bool:
+            if not self._link_sync(source, fsync):
+                return False
+            if after is not None:
+                after()
+            return True
+
+        linked: bool = await asyncio.get_running_loop().run_in_executor(self._executor, link)
+        if linked:
+            self._file = self._raw = None
+        return linked
 
     async def discard(self) -> None:
         """Drop the temp file (waits for a write in progress). Never raises OSError."""

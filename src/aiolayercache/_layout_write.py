@@ -7,6 +7,7 @@ directory, so neither loses the other's images.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import logging
@@ -23,6 +24,7 @@ from anyio.abc import ByteReceiveStream
 
 from . import mutate, partial
 from ._atomic import AtomicFile, fsync_dir, sweep_temps
+from ._attrs import FilledEntry
 from ._errors import CacheReadError, DigestMismatchError, first_error
 from ._hash import Hash
 from ._layout_base import REF_NAME, LayoutError, blob_path, inside, read_index_json
@@ -73,10 +75,16 @@ def _proof_holds(path: str, h: Hash, st: os.stat_result) -> bool:
     return value == _proof_value(h, st)
 
 
+# Blobs being written, by (event loop, path): concurrent writers of one layout in this
+# process (many pulls into one DEST) write each shared blob once; the others wait.
+_WRITING: dict[tuple[int, str], anyio.Event] = {}
+
+
 class _Writer:
-    def __init__(self, root: str, durable: bool, concurrency: int) -> None:
+    def __init__(self, root: str, durable: bool, concurrency: int, link: bool = True) -> None:
         self.root = root
         self.durable = durable
+        self.link = link
         self.limiter = anyio.CapacityLimiter(concurrency)
         self.claimed: set[Hash] = set()
         self.dirs: set[str] = set()
@@ -111,6 +119,18 @@ class _Writer:
         if h in self.claimed:
             return
         self.claimed.add(h)
+        key = (id(asyncio.get_running_loop()), blob_path(self.root, h))
+        while (other := _WRITING.get(key)) is not None:
+            await other.wait()  # another writer of this layout has it: then it is reused
+        done = _WRITING[key] = anyio.Event()
+        try:
+            await self._blob(desc, open_)
+        finally:
+            del _WRITING[key]
+            done.set()
+
+    async def _blob(self, desc: Descriptor, open_: partial.Opener) -> None:
+        h = desc.digest
         async with self.limiter:
             out = self._temp(h)
             # One worker-thread job: is the blob there already, else create its temp file.
@@ -153,6 +173,11 @@ class _Writer:
         out.attach()
         try:
             raw = await open_()
+            filled = raw.extra(StreamAttribute.filled_entry, None) if self.link else None
+            if filled is not None and await self._link(desc, raw, filled, out):
+                return
+            if filled is not None:  # not linked: read it again, not through the cache
+                raw = await filled.reopen()
             proven = raw.extra(StreamAttribute.proven_file, None)
             if proven is not None and proven.digest == h and proven.size == desc.size:
                 # A proven cache entry: the kernel copies it, and what lands is hashed
@@ -173,6 +198,26 @@ class _Writer:
         except BaseException:
             await out.discard()
             raise
+
+    async def _link(
+        self, desc: Descriptor, raw: ByteReceiveStream, filled: FilledEntry, out: AtomicFile
+    ) -> bool:
+        """Read ``raw`` through (the cache's tee hashes it into its entry), then link the
+        committed entry as the blob: one write and one fsync of the bytes, not two."""
+        h = desc.digest
+        stream = VerifyingStream(raw, h, desc.size, what=f"blob {h}")  # (trusts the tee)
+        async with stream:
+            async for _ in stream:
+                pass
+        entry = filled.committed()
+        if entry is None:
+            return False
+        # Only bytes hashed on their way in earn a proof (the tee hashed these).
+        return await out.commit_link(
+            entry,
+            source_durable=filled.durable,
+            after=functools.partial(_record_proof, out.final, h),
+        )
 
     async def data(self, desc: Descriptor, raw: bytes) -> None:
         actual = Hash.of(raw, desc.digest.algorithm)
@@ -263,6 +308,7 @@ async def write(
     concurrency: int = 8,
     durability: Literal["full", "fast"] = "full",
     oci: bool = False,
+    link: bool = True,
 ) -> Descriptor:
     """Write ``target`` (an image, or an index tree) into the layout at ``path``.
 
@@ -277,9 +323,19 @@ async def write(
     into a layout: skopeo and umoci find only OCI-typed images in one. Layers
     and configs are unchanged; a converted manifest has a new digest, which
     the returned descriptor carries. By default manifests are kept as they are.
+
+    A layer read through a :class:`~aiolayercache.cache.FilesystemCache` on
+    the layout's filesystem becomes a hard link to the cache entry it filled
+    (the bytes are written and fsync'd once, not twice); ``link=False``
+    writes a copy. Elsewhere, and when a link is refused, blobs are copies.
     """
     (desc,) = await write_all(
-        path, [(target, ref_name)], concurrency=concurrency, durability=durability, oci=oci
+        path,
+        [(target, ref_name)],
+        concurrency=concurrency,
+        durability=durability,
+        oci=oci,
+        link=link,
     )
     return desc
 
@@ -291,13 +347,14 @@ async def write_all(
     concurrency: int = 8,
     durability: Literal["full", "fast"] = "full",
     oci: bool = False,
+    link: bool = True,
 ) -> list[Descriptor]:
     """Write several images or indexes into one layout, with one ``index.json`` update.
 
     ``targets`` pairs each image or index with its ref name (or None). All
     blobs of all targets are written in parallel (shared ones once), then
     ``index.json`` is replaced once, last. ``oci=True`` converts each target
-    to OCI media types first, as :func:`write` does.
+    to OCI media types first, as :func:`write` does; ``link`` as there.
     """
     if oci:
         targets = [(await mutate.to_oci(t), name) for t, name in targets]
@@ -307,7 +364,7 @@ async def write_all(
         await anyio.to_thread.run_sync(_prepare, root)
     except OSError as exc:
         raise LayoutError(f"{root}: cannot prepare the layout: {exc.strerror}") from exc
-    w = _Writer(root, durability == "full", concurrency)
+    w = _Writer(root, durability == "full", concurrency, link)
     descs: list[Descriptor] = []
     try:
         async with anyio.create_task_group() as tg:

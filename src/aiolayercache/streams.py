@@ -112,6 +112,7 @@ class VerifyingStream(ChunkStream):
         proven_fd: int | None = None,
         from_cache: bool | None = None,
         tier: str | None = None,
+        extra: Mapping[Any, Callable[[], Any]] | None = None,
     ) -> None:
         super().__init__()
         self._inner = inner
@@ -142,6 +143,8 @@ class VerifyingStream(ChunkStream):
             self._attrs[StreamAttribute.from_cache] = lambda: from_cache
         if tier is not None:
             self._attrs[StreamAttribute.tier] = lambda: tier
+        if extra:
+            self._attrs.update(extra)
         if proven_fd is not None and size is not None:
             # A cache entry whose proof holds: a consumer may copy the open file whole,
             # hashing what lands; a mismatch condemns the entry as a mismatch here would.

@@ -33,14 +33,15 @@ from aiofiles.threadpool.binary import AsyncFileIO
 from anyio.abc import ByteReceiveStream
 
 from .._atomic import sweep_temps
+from .._attrs import FilledEntry
 from .._errors import CacheDirectoryError, LayerNotFoundError
 from .._hash import Hash
 from .._protocols import Layer
-from ..streams import FileStream, VerifyingStream
+from ..streams import FileStream, StreamAttribute, VerifyingStream
 from . import _upkeep
 from ._base import CacheStats
 from ._bound import Budget
-from ._flight import FLIGHTS, OPENING, EntryLocks, Flight, unlock
+from ._flight import FLIGHTS, OPENING, EntryLocks, Flight
 from ._layers import TeeLayer, cached_layer
 from ._proofs import Meta, ProofStore
 from ._sink import EntrySink
@@ -335,6 +336,33 @@ class FilesystemCache:
             s.hits, s.misses, s.bytes_served, s.bytes_written, evictions, self.write_errors
         )
 
+    def _claim(self, store: ProofStore, h: Hash, sink: EntrySink) -> tuple[Meta, Any] | bool | None:
+        """(A worker thread.) Take entry ``h``'s lock, look again, create the temp file.
+
+        None: another process holds the lock (wait for it on the loop); the
+        entry's meta and open file when it is there now; False: ``sink``
+        holds the lock (if locks work here) and its temp file is made."""
+        assert self._locks is not None
+        try:
+            fd = self._locks.try_lock(h)
+        except OSError as exc:  # the locks directory cannot be used: fill without
+            self._no_locks(exc)
+        else:
+            if fd is None:
+                return None
+            sink.hold(fd)
+        try:
+            got = store.open_entry(h, None)
+        except FileNotFoundError:
+            got = None
+        except OSError as exc:  # unreadable, or no longer a regular file
+            store.unusable(store.entry(h), exc)
+            got = None
+        if got is not None:
+            return got
+        sink.open_sync()
+        return False
+
     async def fill(
         self,
         h: Hash,
@@ -352,6 +380,7 @@ class FilesystemCache:
         store = await self._ready()
         assert self._locks is not None
         key = (id(asyncio.get_running_loop()), store.entry(h))
+        durable = self.durability == "full"
         while True:
             flight = FLIGHTS.get(key)
             if flight is not None:
@@ -379,54 +408,64 @@ class FilesystemCache:
                 continue
             flight = Flight(key)
             FLIGHTS[key] = flight
-            lock_fd: int | None = None
+            sink = EntrySink(
+                store,
+                h,
+                info,
+                flight,
+                None,
+                durable=durable,
+                on_error=self._write_error,
+                on_commit=self._committed,
+            )
             try:
-                try:
-                    lock_fd = await self._locks.lock(h, self.stalled_fill_timeout)
-                except OSError as exc:  # the locks directory cannot be used
-                    self._no_locks(exc)
-                # Another process may have committed the entry while we waited for its lock.
-                stream = await self.open_committed(h)
+                # One worker-thread job: lock, look again, create the temp file.
+                claimed = await anyio.to_thread.run_sync(self._claim, store, h, sink)
+                stream = None
+                if claimed is None:  # another process fills it: wait for its lock
+                    try:
+                        lock_fd = await self._locks.lock(h, self.stalled_fill_timeout)
+                    except OSError as exc:  # the locks directory cannot be used
+                        self._no_locks(exc)
+                    else:
+                        if lock_fd is not None:  # (None: it stalled; fetch here too)
+                            sink.hold(lock_fd)
+                    # It may have committed the entry while we waited for its lock.
+                    stream = await self.open_committed(h)
+                    if stream is None:
+                        await anyio.to_thread.run_sync(sink.open_sync)
+                elif isinstance(claimed, tuple):
+                    self._used(store, h)
+                    stream = self._stream(store, h, *claimed)
             except BaseException:
-                if lock_fd is not None:
-                    unlock(lock_fd)
-                flight.release()
+                with anyio.CancelScope(shield=True):
+                    await sink.abort()
                 raise
             if stream is None:
                 break
-            if lock_fd is not None:
-                unlock(lock_fd)
-            flight.release()
+            sink.release()
             return stream
         opening = OPENING.set(OPENING.get() | {key})
         try:
             upstream = await open_upstream()
         except BaseException:
-            if lock_fd is not None:
-                unlock(lock_fd)
-            flight.release()
+            with anyio.CancelScope(shield=True):
+                await sink.abort()
             raise
         finally:
             OPENING.reset(opening)
-        durable = self.durability == "full"
-        sink = EntrySink(
-            store,
+        sink.attach()
+        # A layout on this filesystem may link the committed entry instead of a second copy.
+        filled = FilledEntry(lambda: sink.committed_file, durable, open_upstream)
+        return VerifyingStream(
+            upstream,
             h,
-            info,
-            flight,
-            lock_fd,
-            durable=durable,
-            on_error=self._write_error,
-            on_commit=self._committed,
+            size,
+            what=str(h),
+            sinks=[sink],
+            from_cache=False,
+            extra={StreamAttribute.filled_entry: lambda: filled},
         )
-        try:
-            await sink.open()
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                await sink.abort()
-                await upstream.aclose()
-            raise
-        return VerifyingStream(upstream, h, size, what=str(h), sinks=[sink], from_cache=False)
 
     # --- the Cache protocol ------------------------------------------------------
 

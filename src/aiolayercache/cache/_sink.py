@@ -54,6 +54,23 @@ class EntrySink:
             store.entry(h), store.tmpdir, durable=durable, tag=h.hex[:16], sync_dir=store.dirsync
         )
         self._finalizer = weakref.finalize(self, _orphaned, flight, self._lock_box)
+        # (path, st_dev, st_ino) of the entry once committed: the file these bytes went into.
+        self.committed_file: tuple[str, int, int] | None = None
+
+    def hold(self, lock_fd: int) -> None:
+        """Take the entry's lock file (released with the sink)."""
+        self._lock_box.append(lock_fd)
+
+    def open_sync(self) -> None:
+        """Create the temp file (blocking: in a worker thread); then :meth:`attach`."""
+        try:
+            self._file.open_sync()
+        except OSError as exc:
+            self._on_error(self._h, exc)
+
+    def attach(self) -> None:
+        if self._file.is_open:
+            self._file.attach()
 
     async def open(self) -> None:
         try:
@@ -80,7 +97,7 @@ class EntrySink:
                 self._on_error(self._h, exc)
                 await self._file.discard()
         finally:
-            self._release()
+            self.release()
 
     def _record(self) -> None:
         try:
@@ -88,11 +105,14 @@ class EntrySink:
         except FileNotFoundError:
             return  # a bounded cache in another process evicted it already: nothing to prove
         meta = Meta(st.st_size, st.st_mtime_ns, st.st_ino, sniff(self._file.head), **self._info)
+        if self._file.identity is not None:
+            self.committed_file = (self._file.final, *self._file.identity)
         self._store.save(self._file.final, meta)
         if self._on_commit is not None:  # (in the file's worker thread, after the rename)
             self._on_commit(self._h, st.st_size)
 
-    def _release(self) -> None:
+    def release(self) -> None:
+        """Let go of the flight and the lock (a sink that will not fill)."""
         self._finalizer.detach()
         if self._lock_box:
             unlock(self._lock_box.pop())
@@ -102,4 +122,4 @@ class EntrySink:
         try:
             await self._file.discard()
         finally:
-            self._release()
+            self.release()
