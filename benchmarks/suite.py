@@ -41,7 +41,11 @@ Scenarios:
    reads), run as it is, and CLI start-up: ``aiolayercache --help``;
 10 ``benchmarks/fleet.py`` (machines sharing a fleet tier: origin bytes per
    unique byte, a cold machine with a warm fleet, the fleet tier's cost),
-   run as it is (``--quick``: 1 and 4 machines, a 16 MiB base).
+   run as it is (``--quick``: 1 and 4 machines, a 16 MiB base);
+11 many images at once (``many.py``): 32 images (a shared 16 MiB base + 3 x
+   2 MiB each) into one layout, ours in-process (``asyncio.gather``, one
+   Client, one cache) and as one CLI process (``-j 8``), against 8 skopeo
+   processes at a time: wall, CPU, peak RSS, blob bytes fetched / unique.
 
 "Flat" in 8 is read as: peak RSS at 32 pulls at most 1.25 x that at one
 pull. Each contender's median wall time, CPU time and peak RSS are listed
@@ -96,7 +100,7 @@ PLATFORMS = [
     "linux/s390x",
     "linux/riscv64",
 ]
-SCENARIOS = [str(i) for i in range(1, 11)]
+SCENARIOS = [str(i) for i in range(1, 12)]
 GNU_TIME = "/usr/bin/time"
 NOISY = 0.25  # (max - min) / median above this (and over 10 ms) marks samples as noisy
 FLAT = 1.25  # "flat as concurrency grows": peak RSS at the most pulls / at one pull
@@ -121,10 +125,23 @@ class Sizes:
     huge_mib: int = 1024
     tee_mib: int = 256
     startup_runs: int = 10
+    many_images: int = 32
+    many_base_mib: int = 16
+    many_own_layers: int = 3
+    many_own_kib: int = 2048
+    many_jobs: int = 8
 
 
 QUICK = Sizes(
-    big_mib=8, index_mib=1, fan_base_mib=8, fan_top_kib=256, huge_mib=64, tee_mib=32, startup_runs=3
+    big_mib=8,
+    index_mib=1,
+    fan_base_mib=8,
+    fan_top_kib=256,
+    huge_mib=64,
+    tee_mib=32,
+    startup_runs=3,
+    many_base_mib=4,
+    many_own_kib=256,
 )
 
 
@@ -893,6 +910,10 @@ class Suite:
             self.scenario_9()
         if "10" in only:
             self.scenario_10()
+        if "11" in only:
+            from benchmarks.many import scenario_11
+
+            scenario_11(self)
 
 
 def table(rows: list[Row]) -> str:
@@ -990,7 +1011,9 @@ def parse_only(text: str) -> set[str]:
             out.add(part)
     bad = out - set(SCENARIOS)
     if bad:
-        raise argparse.ArgumentTypeError(f"no scenario {', '.join(sorted(bad))} (1-9)")
+        raise argparse.ArgumentTypeError(
+            f"no scenario {', '.join(sorted(bad))} (1-{len(SCENARIOS)})"
+        )
     return out
 
 
@@ -1043,8 +1066,9 @@ def run(argv: list[str] | None = None) -> None:
     for tool in ("skopeo", "docker-registry"):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} is not installed")
-    if "8" in args.only and not os.path.exists(GNU_TIME):
-        raise SystemExit(f"scenario 8 needs GNU time at {GNU_TIME}")
+    rss = sorted(args.only & {"1", "8", "11"}, key=int)
+    if rss and not os.path.exists(GNU_TIME):
+        raise SystemExit(f"scenarios {', '.join(rss)} need GNU time at {GNU_TIME}")
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     load_before = loadavg()
     rev = revision()  # at the start: others may change the tree while this runs

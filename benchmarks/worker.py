@@ -17,6 +17,9 @@ pull      ``ref`` to a new or existing OCI layout ``dest`` through
           or ``cache.image_index(await c.index(ref), fs)`` when ``index``;
 fanin     ``pulls`` (pairs of ref and dest) at once, one ``remote.Client``
           and one ``FilesystemCache`` for all, each a pull as above;
+many      ``asyncio.gather`` over ``pulls`` (pairs of ref and ref name), one
+          ``remote.Client`` and one ``FilesystemCache``, each pull a
+          ``layout.write_all`` of its image into the same layout ``dest``;
 prefetch  ``cache.prefetch(await c.index(ref), fs)``;
 walk      the same work one request at a time: the index, then per child its
           manifest, config and each layer (read through the cache), in turn.
@@ -24,6 +27,7 @@ walk      the same work one request at a time: the index, then per child its
 
 from __future__ import annotations
 
+import asyncio
 import json
 import resource
 import sys
@@ -88,6 +92,18 @@ async def fanin(job: dict[str, Any]) -> dict[str, Any]:
     return {"pull_seconds": sorted(seconds)}
 
 
+async def many(job: dict[str, Any]) -> dict[str, Any]:
+    async with remote.Client() as c:
+        fs = FilesystemCache(job["cache"])
+
+        async def one(ref: str, name: str) -> None:
+            t = await _target(c, fs, ref, False)
+            await layout.write_all(job["dest"], [(t, name)])
+
+        await asyncio.gather(*(one(ref, name) for ref, name in job["pulls"]))
+    return {}
+
+
 async def prefetch(job: dict[str, Any]) -> dict[str, Any]:
     async with remote.Client() as c:
         fs = FilesystemCache(job["cache"])
@@ -113,7 +129,7 @@ async def walk(job: dict[str, Any]) -> dict[str, Any]:
     return {"layers": layers, "bytes": n}
 
 
-JOBS = {"pull": pull, "fanin": fanin, "prefetch": prefetch, "walk": walk}
+JOBS = {"pull": pull, "fanin": fanin, "many": many, "prefetch": prefetch, "walk": walk}
 
 
 def main() -> None:
