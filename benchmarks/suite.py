@@ -18,11 +18,14 @@ untimed, dirty pages are written back and memory is touched (``settle``).
 
 Scenarios:
 
-1  cold, big: a 4 x 64 MiB image to a new OCI layout, empty cache;
+1  cold, big: a 4 x 64 MiB image to a new OCI layout, empty cache; also the
+   peak RSS of each contender, and docker-registry-client-async as a Python
+   peer (``peers.py``, ``peer_drca.py``; "not installed" when it is not);
 2  warm cache, new destination: every layer already in our cache; the peer
    is skopeo's cold copy;
 3  warm, existing destination: the same image again into the same layout
-   (each contender its own), against skopeo doing the same;
+   (each contender its own), against skopeo doing the same, and the CLI
+   against ``python -c "import aiohttp"`` (the floor the dependency sets);
 4  many small layers: 40 x 256 KiB, cold;
 5  multi-platform index: 8 platforms x 2 layers, all platforms, cold and
    warm (new layout), against ``skopeo copy --all`` (cold);
@@ -77,7 +80,7 @@ from typing import Any
 
 import anyio
 
-from benchmarks import images
+from benchmarks import images, peers
 from benchmarks.common import filesystem_of
 from benchmarks.worker import GO, READY
 
@@ -477,9 +480,11 @@ class Suite:
         c: dict[str, Contender] = {}
         if "1" in which:
             c["ours"] = self.pull("ours", ref, layers, prime)
-            c["ours CLI"] = self.pull("cli", ref, layers, prime)
+            c["ours CLI"] = self.pull("cli", ref, layers, prime, rss=True)
         if which & {"1", "2"}:
-            c["skopeo"] = self.pull("skopeo", ref, layers, prime)
+            c["skopeo"] = self.pull("skopeo", ref, layers, prime, rss=True)
+        if "1" in which and (drca := peers.drca(self, ref, layers, prime)) is not None:
+            c[peers.DRCA] = drca
         if which & {"2", "3"}:
             warm = self.tmp("warm-cache-")
             self.pull("ours", ref, layers, 0, cache=warm)()  # fills it, untimed
@@ -495,19 +500,29 @@ class Suite:
                 "cli", ref, layers, prime, cache=warm, dest=dests["cli"]
             )
             c["skopeo again"] = self.pull("skopeo", ref, layers, prime, dest=dests["skopeo"])
+            c[peers.FLOOR] = peers.floor(self, prime)
         s = self.alternate("1-3 big image", c)
         if "1" in which:
-            self.ratio_row("1", f"cold, {what}: in-process", s["ours"], s["skopeo"], 0.9)
+            self.ratio_row("1", f"cold, {what}: in-process", s["ours"], s["skopeo"], 0.85)
             self.ratio_row("1", f"cold, {what}: CLI process", s["ours CLI"], s["skopeo"], 1.1)
+            peers.rows_1(self, s, what)
         if "2" in which:
             label = "warm cache, new layout (peer: skopeo cold)"
-            self.ratio_row("2", f"{label}: in-process", s["ours warm"], s["skopeo"], 0.35)
+            self.ratio_row("2", f"{label}: in-process", s["ours warm"], s["skopeo"], 0.2)
             self.ratio_row("2", f"{label}: CLI process", s["ours CLI warm"], s["skopeo"], 0.5)
         if "3" in which:
             label, peer = "warm, existing layout, again", "skopeo again"
             again = s["skopeo again"]
             self.ratio_row("3", f"{label}: in-process", s["ours again"], again, 1.0, peer)
             self.ratio_row("3", f"{label}: CLI process", s["ours CLI again"], again, None, peer)
+            self.ratio_row(
+                "3",
+                f"{label}: CLI process / {peers.FLOOR} (the floor)",
+                s["ours CLI again"],
+                s[peers.FLOOR],
+                1.5,
+                "import aiohttp",
+            )
 
     def scenario_4(self) -> None:
         sz = self.sizes
@@ -521,8 +536,8 @@ class Suite:
             "skopeo": self.pull("skopeo", ref, layers, prime),
         }
         s = self.alternate("4 small layers", c)
-        self.ratio_row("4", f"cold, {what}: in-process", s["ours"], s["skopeo"], 0.8)
-        self.ratio_row("4", f"cold, {what}: CLI process", s["ours CLI"], s["skopeo"], 1.5)
+        self.ratio_row("4", f"cold, {what}: in-process", s["ours"], s["skopeo"], 0.9)
+        self.ratio_row("4", f"cold, {what}: CLI process", s["ours CLI"], s["skopeo"], 1.8)
 
     # --- scenario 5: an index -------------------------------------------------------------
 
@@ -556,7 +571,7 @@ class Suite:
             "ours CLI warm": self.pull("cli", ref, layers, prime, index=True, cache=warm),
         }
         s = self.alternate("5 index", c)
-        self.ratio_row("5", f"index, {what}, cold: in-process", s["ours"], s["skopeo"], 0.9)
+        self.ratio_row("5", f"index, {what}, cold: in-process", s["ours"], s["skopeo"], 0.85)
         self.ratio_row("5", "index cold: CLI process", s["ours CLI"], s["skopeo"], 1.3)
         label = "index, warm cache, new layout (peer: skopeo cold)"
         self.ratio_row("5", f"{label}: in-process", s["ours warm"], s["skopeo"], None)
