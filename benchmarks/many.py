@@ -30,8 +30,10 @@ skopeo -P 8     ``xargs -P 8 -L 1 skopeo copy``: 8 processes at a time over the
 Each reports wall time, CPU seconds (ours: the timed part, all threads; the
 others: the whole process tree, from the suite's ``RUSAGE_CHILDREN``), peak RSS
 (ours: ``VmHWM``; the others: GNU time's, which for ``xargs`` is the largest
-single skopeo of the 8 running at once) and blob bytes fetched / unique blob
-bytes of the 32 images.
+single skopeo of the 8 running at once), blob bytes fetched / unique blob
+bytes of the 32 images, and bytes written to storage / unique blob bytes
+(ours: ``write_bytes`` of /proc/self/io in the timed part; the others: GNU
+time's ``%O``).
 """
 
 from __future__ import annotations
@@ -265,5 +267,12 @@ def rows(suite: Suite, s: dict[str, list[Sample]], what: str, peer: str) -> None
         Row("11", f"blob bytes the registry sent / unique blob bytes ({unique:.1f} MiB): "
             "in-process / CLI (worst run)", f"{ratio['ours']:.3f} / {ratio['ours CLI']:.3f}",
             f"{peer} {ratio[peer]:.2f}", f"{max(ratio['ours'], ratio['ours CLI']):.3f}",
+            "report", None)
+    )  # fmt: skip
+    wrote = {k: med(v, "written_mib") / unique for k, v in s.items()}
+    suite.rows.append(
+        Row("11", "MiB written to storage / unique blob MiB: in-process / CLI (cache and layout: "
+            "2.00 is each byte twice)", f"{wrote['ours']:.2f} / {wrote['ours CLI']:.2f}",
+            f"{peer} {wrote[peer]:.2f}", f"{wrote['ours']:.2f} / {wrote['ours CLI']:.2f}",
             "report", None)
     )  # fmt: skip

@@ -343,11 +343,12 @@ class Suite:
         return result
 
     def process(self, cmd: list[str], prime: int, *, rss: bool = False) -> Sample:
-        """Time ``cmd`` as a whole process; its peak RSS too (by GNU time) when ``rss``."""
+        """Time ``cmd`` as a whole process; with ``rss``, GNU time gives its peak RSS and the
+        bytes it wrote to files (``%O``: blocks of 512 bytes, the process tree's)."""
         settle(prime)
         rss_file = self.base / "time.out"
         if rss:
-            cmd = [GNU_TIME, "-f", "%M", "-o", str(rss_file), *cmd]
+            cmd = [GNU_TIME, "-f", "%M %O", "-o", str(rss_file), *cmd]
         cpu0 = children_cpu()
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -358,7 +359,9 @@ class Suite:
             )
         sample: Sample = {"seconds": elapsed, "cpu_s": children_cpu() - cpu0}
         if rss:
-            sample["peak_rss_mib"] = int(rss_file.read_text().split()[-1]) / 1024
+            peak_kib, blocks = rss_file.read_text().split()[-2:]
+            sample["peak_rss_mib"] = int(peak_kib) / 1024
+            sample["written_mib"] = int(blocks) * 512 / MIB
         return sample
 
     def pull_job(self, ref: str, dest: Path, cache: Path, *, index: bool) -> dict[str, Any]:

@@ -7,7 +7,8 @@ for ``go`` on stdin (the parent settles memory in between), then times the
 job alone: what a user who ``await``s the library pays, after import. It
 prints one JSON line: the seconds, the CPU seconds, its peak RSS (``VmHWM``:
 the child's own address space; ``ru_maxrss`` would start at the parent's
-peak, see ``peak_rss_mib``) and the peak before the timed part.
+peak, see ``peak_rss_mib``), the peak before the timed part, and the MiB the
+timed part wrote to storage (``write_bytes`` of /proc/self/io).
 
 Jobs (``kind``):
 
@@ -42,6 +43,18 @@ from aiolayercache.cache import FilesystemCache, LayerNotFoundError
 from aiolayercache.streams import drain
 
 READY, GO = "ready", "go"
+
+
+def written_mib() -> float | None:
+    """What this process has written to storage so far (``write_bytes`` of /proc/self/io)."""
+    try:
+        with open("/proc/self/io") as f:
+            for line in f:
+                if line.startswith("write_bytes:"):
+                    return int(line.split()[1]) / (1 << 20)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def peak_rss_mib() -> float:
@@ -139,6 +152,7 @@ def main() -> None:
     if sys.stdin.readline().strip() != GO:
         raise SystemExit("no go from the parent")
     before = peak_rss_mib()
+    written = written_mib()
     cpu0 = time.process_time()
     t0 = time.perf_counter()
     extra = anyio.run(run, job, backend="asyncio")
@@ -150,6 +164,9 @@ def main() -> None:
         "rss_before_mib": before,
         **extra,
     }
+    now = written_mib()
+    if written is not None and now is not None:
+        out["written_mib"] = now - written
     print(json.dumps(out), flush=True)
 
 
