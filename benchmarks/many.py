@@ -234,7 +234,7 @@ def scenario_11(suite: Suite) -> None:
         s = suite.alternate("11 many images", c)
     finally:
         registry.stop()
-    suite.data["11 many images"]["skopeo_one_layout_listed"] = shared
+    suite.data["11 many images"]["skopeo_into_one_layout"] = shared
     rows(suite, s, what, peer)
 
 
