@@ -18,11 +18,14 @@ untimed, dirty pages are written back and memory is touched (``settle``).
 
 Scenarios:
 
-1  cold, big: a 4 x 64 MiB image to a new OCI layout, empty cache;
+1  cold, big: a 4 x 64 MiB image to a new OCI layout, empty cache; also the
+   peak RSS of each contender, and docker-registry-client-async as a Python
+   peer (``peers.py``, ``peer_drca.py``; "not installed" when it is not);
 2  warm cache, new destination: every layer already in our cache; the peer
    is skopeo's cold copy;
 3  warm, existing destination: the same image again into the same layout
-   (each contender its own), against skopeo doing the same;
+   (each contender its own), against skopeo doing the same, and the CLI
+   against ``python -c "import aiohttp"`` (the floor the dependency sets);
 4  many small layers: 40 x 256 KiB, cold;
 5  multi-platform index: 8 platforms x 2 layers, all platforms, cold and
    warm (new layout), against ``skopeo copy --all`` (cold);
@@ -41,7 +44,11 @@ Scenarios:
    reads), run as it is, and CLI start-up: ``aiolayercache --help``;
 10 ``benchmarks/fleet.py`` (machines sharing a fleet tier: origin bytes per
    unique byte, a cold machine with a warm fleet, the fleet tier's cost),
-   run as it is (``--quick``: 1 and 4 machines, a 16 MiB base).
+   run as it is (``--quick``: 1 and 4 machines, a 16 MiB base);
+11 many images at once (``many.py``): 32 images (a shared 16 MiB base + 3 x
+   2 MiB each) into one layout, ours in-process (``asyncio.gather``, one
+   Client, one cache) and as one CLI process (``-j 8``), against 8 skopeo
+   processes at a time: wall, CPU, peak RSS, blob bytes fetched / unique.
 
 "Flat" in 8 is read as: peak RSS at 32 pulls at most 1.25 x that at one
 pull. Each contender's median wall time, CPU time and peak RSS are listed
@@ -73,7 +80,7 @@ from typing import Any
 
 import anyio
 
-from benchmarks import images
+from benchmarks import images, peers
 from benchmarks.common import filesystem_of
 from benchmarks.worker import GO, READY
 
@@ -96,7 +103,7 @@ PLATFORMS = [
     "linux/s390x",
     "linux/riscv64",
 ]
-SCENARIOS = [str(i) for i in range(1, 11)]
+SCENARIOS = [str(i) for i in range(1, 12)]
 GNU_TIME = "/usr/bin/time"
 NOISY = 0.25  # (max - min) / median above this (and over 10 ms) marks samples as noisy
 FLAT = 1.25  # "flat as concurrency grows": peak RSS at the most pulls / at one pull
@@ -121,10 +128,23 @@ class Sizes:
     huge_mib: int = 1024
     tee_mib: int = 256
     startup_runs: int = 10
+    many_images: int = 32
+    many_base_mib: int = 16
+    many_own_layers: int = 3
+    many_own_kib: int = 2048
+    many_jobs: int = 8
 
 
 QUICK = Sizes(
-    big_mib=8, index_mib=1, fan_base_mib=8, fan_top_kib=256, huge_mib=64, tee_mib=32, startup_runs=3
+    big_mib=8,
+    index_mib=1,
+    fan_base_mib=8,
+    fan_top_kib=256,
+    huge_mib=64,
+    tee_mib=32,
+    startup_runs=3,
+    many_base_mib=4,
+    many_own_kib=256,
 )
 
 
@@ -323,11 +343,12 @@ class Suite:
         return result
 
     def process(self, cmd: list[str], prime: int, *, rss: bool = False) -> Sample:
-        """Time ``cmd`` as a whole process; its peak RSS too (by GNU time) when ``rss``."""
+        """Time ``cmd`` as a whole process; with ``rss``, GNU time gives its peak RSS and the
+        bytes it wrote to files (``%O``: blocks of 512 bytes, the process tree's)."""
         settle(prime)
         rss_file = self.base / "time.out"
         if rss:
-            cmd = [GNU_TIME, "-f", "%M", "-o", str(rss_file), *cmd]
+            cmd = [GNU_TIME, "-f", "%M %O", "-o", str(rss_file), *cmd]
         cpu0 = children_cpu()
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -338,7 +359,9 @@ class Suite:
             )
         sample: Sample = {"seconds": elapsed, "cpu_s": children_cpu() - cpu0}
         if rss:
-            sample["peak_rss_mib"] = int(rss_file.read_text().split()[-1]) / 1024
+            peak_kib, blocks = rss_file.read_text().split()[-2:]
+            sample["peak_rss_mib"] = int(peak_kib) / 1024
+            sample["written_mib"] = int(blocks) * 512 / MIB
         return sample
 
     def pull_job(self, ref: str, dest: Path, cache: Path, *, index: bool) -> dict[str, Any]:
@@ -460,9 +483,11 @@ class Suite:
         c: dict[str, Contender] = {}
         if "1" in which:
             c["ours"] = self.pull("ours", ref, layers, prime)
-            c["ours CLI"] = self.pull("cli", ref, layers, prime)
+            c["ours CLI"] = self.pull("cli", ref, layers, prime, rss=True)
         if which & {"1", "2"}:
-            c["skopeo"] = self.pull("skopeo", ref, layers, prime)
+            c["skopeo"] = self.pull("skopeo", ref, layers, prime, rss=True)
+        if "1" in which and (drca := peers.drca(self, ref, layers, prime)) is not None:
+            c[peers.DRCA] = drca
         if which & {"2", "3"}:
             warm = self.tmp("warm-cache-")
             self.pull("ours", ref, layers, 0, cache=warm)()  # fills it, untimed
@@ -478,19 +503,29 @@ class Suite:
                 "cli", ref, layers, prime, cache=warm, dest=dests["cli"]
             )
             c["skopeo again"] = self.pull("skopeo", ref, layers, prime, dest=dests["skopeo"])
+            c[peers.FLOOR] = peers.floor(self, prime)
         s = self.alternate("1-3 big image", c)
         if "1" in which:
-            self.ratio_row("1", f"cold, {what}: in-process", s["ours"], s["skopeo"], 0.9)
+            self.ratio_row("1", f"cold, {what}: in-process", s["ours"], s["skopeo"], 0.85)
             self.ratio_row("1", f"cold, {what}: CLI process", s["ours CLI"], s["skopeo"], 1.1)
+            peers.rows_1(self, s, what)
         if "2" in which:
             label = "warm cache, new layout (peer: skopeo cold)"
-            self.ratio_row("2", f"{label}: in-process", s["ours warm"], s["skopeo"], 0.35)
+            self.ratio_row("2", f"{label}: in-process", s["ours warm"], s["skopeo"], 0.2)
             self.ratio_row("2", f"{label}: CLI process", s["ours CLI warm"], s["skopeo"], 0.5)
         if "3" in which:
             label, peer = "warm, existing layout, again", "skopeo again"
             again = s["skopeo again"]
             self.ratio_row("3", f"{label}: in-process", s["ours again"], again, 1.0, peer)
             self.ratio_row("3", f"{label}: CLI process", s["ours CLI again"], again, None, peer)
+            self.ratio_row(
+                "3",
+                f"{label}: CLI process / {peers.FLOOR} (the floor)",
+                s["ours CLI again"],
+                s[peers.FLOOR],
+                1.5,
+                "import aiohttp",
+            )
 
     def scenario_4(self) -> None:
         sz = self.sizes
@@ -504,8 +539,8 @@ class Suite:
             "skopeo": self.pull("skopeo", ref, layers, prime),
         }
         s = self.alternate("4 small layers", c)
-        self.ratio_row("4", f"cold, {what}: in-process", s["ours"], s["skopeo"], 0.8)
-        self.ratio_row("4", f"cold, {what}: CLI process", s["ours CLI"], s["skopeo"], 1.5)
+        self.ratio_row("4", f"cold, {what}: in-process", s["ours"], s["skopeo"], 0.9)
+        self.ratio_row("4", f"cold, {what}: CLI process", s["ours CLI"], s["skopeo"], 1.8)
 
     # --- scenario 5: an index -------------------------------------------------------------
 
@@ -539,7 +574,7 @@ class Suite:
             "ours CLI warm": self.pull("cli", ref, layers, prime, index=True, cache=warm),
         }
         s = self.alternate("5 index", c)
-        self.ratio_row("5", f"index, {what}, cold: in-process", s["ours"], s["skopeo"], 0.9)
+        self.ratio_row("5", f"index, {what}, cold: in-process", s["ours"], s["skopeo"], 0.85)
         self.ratio_row("5", "index cold: CLI process", s["ours CLI"], s["skopeo"], 1.3)
         label = "index, warm cache, new layout (peer: skopeo cold)"
         self.ratio_row("5", f"{label}: in-process", s["ours warm"], s["skopeo"], None)
@@ -893,6 +928,10 @@ class Suite:
             self.scenario_9()
         if "10" in only:
             self.scenario_10()
+        if "11" in only:
+            from benchmarks.many import scenario_11
+
+            scenario_11(self)
 
 
 def table(rows: list[Row]) -> str:
@@ -990,7 +1029,9 @@ def parse_only(text: str) -> set[str]:
             out.add(part)
     bad = out - set(SCENARIOS)
     if bad:
-        raise argparse.ArgumentTypeError(f"no scenario {', '.join(sorted(bad))} (1-9)")
+        raise argparse.ArgumentTypeError(
+            f"no scenario {', '.join(sorted(bad))} (1-{len(SCENARIOS)})"
+        )
     return out
 
 
@@ -1043,8 +1084,9 @@ def run(argv: list[str] | None = None) -> None:
     for tool in ("skopeo", "docker-registry"):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} is not installed")
-    if "8" in args.only and not os.path.exists(GNU_TIME):
-        raise SystemExit(f"scenario 8 needs GNU time at {GNU_TIME}")
+    rss = sorted(args.only & {"1", "8", "11"}, key=int)
+    if rss and not os.path.exists(GNU_TIME):
+        raise SystemExit(f"scenarios {', '.join(rss)} need GNU time at {GNU_TIME}")
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     load_before = loadavg()
     rev = revision()  # at the start: others may change the tree while this runs

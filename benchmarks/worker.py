@@ -7,7 +7,8 @@ for ``go`` on stdin (the parent settles memory in between), then times the
 job alone: what a user who ``await``s the library pays, after import. It
 prints one JSON line: the seconds, the CPU seconds, its peak RSS (``VmHWM``:
 the child's own address space; ``ru_maxrss`` would start at the parent's
-peak, see ``peak_rss_mib``) and the peak before the timed part.
+peak, see ``peak_rss_mib``), the peak before the timed part, and the MiB the
+timed part wrote to storage (``write_bytes`` of /proc/self/io).
 
 Jobs (``kind``):
 
@@ -17,6 +18,9 @@ pull      ``ref`` to a new or existing OCI layout ``dest`` through
           or ``cache.image_index(await c.index(ref), fs)`` when ``index``;
 fanin     ``pulls`` (pairs of ref and dest) at once, one ``remote.Client``
           and one ``FilesystemCache`` for all, each a pull as above;
+many      ``asyncio.gather`` over ``pulls`` (pairs of ref and ref name), one
+          ``remote.Client`` and one ``FilesystemCache``, each pull a
+          ``layout.write_all`` of its image into the same layout ``dest``;
 prefetch  ``cache.prefetch(await c.index(ref), fs)``;
 walk      the same work one request at a time: the index, then per child its
           manifest, config and each layer (read through the cache), in turn.
@@ -24,6 +28,7 @@ walk      the same work one request at a time: the index, then per child its
 
 from __future__ import annotations
 
+import asyncio
 import json
 import resource
 import sys
@@ -38,6 +43,18 @@ from aiolayercache.cache import FilesystemCache, LayerNotFoundError
 from aiolayercache.streams import drain
 
 READY, GO = "ready", "go"
+
+
+def written_mib() -> float | None:
+    """What this process has written to storage so far (``write_bytes`` of /proc/self/io)."""
+    try:
+        with open("/proc/self/io") as f:
+            for line in f:
+                if line.startswith("write_bytes:"):
+                    return int(line.split()[1]) / (1 << 20)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def peak_rss_mib() -> float:
@@ -88,6 +105,18 @@ async def fanin(job: dict[str, Any]) -> dict[str, Any]:
     return {"pull_seconds": sorted(seconds)}
 
 
+async def many(job: dict[str, Any]) -> dict[str, Any]:
+    async with remote.Client() as c:
+        fs = FilesystemCache(job["cache"])
+
+        async def one(ref: str, name: str) -> None:
+            t = await _target(c, fs, ref, False)
+            await layout.write_all(job["dest"], [(t, name)])
+
+        await asyncio.gather(*(one(ref, name) for ref, name in job["pulls"]))
+    return {}
+
+
 async def prefetch(job: dict[str, Any]) -> dict[str, Any]:
     async with remote.Client() as c:
         fs = FilesystemCache(job["cache"])
@@ -113,7 +142,7 @@ async def walk(job: dict[str, Any]) -> dict[str, Any]:
     return {"layers": layers, "bytes": n}
 
 
-JOBS = {"pull": pull, "fanin": fanin, "prefetch": prefetch, "walk": walk}
+JOBS = {"pull": pull, "fanin": fanin, "many": many, "prefetch": prefetch, "walk": walk}
 
 
 def main() -> None:
@@ -123,6 +152,7 @@ def main() -> None:
     if sys.stdin.readline().strip() != GO:
         raise SystemExit("no go from the parent")
     before = peak_rss_mib()
+    written = written_mib()
     cpu0 = time.process_time()
     t0 = time.perf_counter()
     extra = anyio.run(run, job, backend="asyncio")
@@ -134,6 +164,9 @@ def main() -> None:
         "rss_before_mib": before,
         **extra,
     }
+    now = written_mib()
+    if written is not None and now is not None:
+        out["written_mib"] = now - written
     print(json.dumps(out), flush=True)
 
 
