@@ -10,6 +10,8 @@ $(BIN)/python:
 
 venv: $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	@# byte-compiled, as a wheel install is (PYTHONDONTWRITEBYTECODE would keep .pyc away)
+	$(BIN)/python -m compileall -q src >/dev/null
 
 lint: venv
 	$(BIN)/ruff check src tests benchmarks scripts
