@@ -245,7 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
         "images may not share a name in one DEST)",
     )
     pull.add_argument(
-        "-j", "--jobs", type=int, default=4, metavar="N", help="images pulled at once (default 4)"
+        "-j",
+        "--jobs",
+        type=int,
+        default=4,
+        metavar="N",
+        help="images pulled at once, up to 4 N blobs (default 4)",
     )
     _tls(pull)
     _registries_conf(pull)

@@ -171,7 +171,7 @@ async def pull(args: argparse.Namespace, rep: Reporter) -> int:
                 targets = await _name_apart(sources, resolved, renames, fmt, args.dest)
                 if fmt == "oci":
                     oci = [(t, name) for name, t in targets]
-                    descs = await layout.write_all(args.dest, oci, concurrency=max(4, args.jobs))
+                    descs = await layout.write_all(args.dest, oci, concurrency=4 * args.jobs)
                     for (name, _), d in zip(targets, descs, strict=True):
                         rep.image_done(name, d.digest)
                 else:
