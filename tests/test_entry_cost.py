@@ -336,3 +336,41 @@ async def test_when_the_cache_cannot_keep_an_entry_the_layout_still_gets_the_blo
         d = await layer.digest()
         data = _blob(tmp_path / "out", d).read_bytes()
         assert "sha256:" + hashlib.sha256(data).hexdigest() == str(d)
+
+
+@pytest.mark.anyio
+async def test_a_warm_entry_is_linked_after_it_hashes_right(tmp_path: Path) -> None:
+    fs = FilesystemCache(tmp_path / "c")
+    src = random.image(200 * 1024, 2)
+    await layout.write(tmp_path / "first", cache.image(src, fs), link=False)
+    fs2 = FilesystemCache(tmp_path / "c")  # another process's view: proofs from disk
+    await layout.write(tmp_path / "second", cache.image(src, fs2))
+    for layer in await src.layers():
+        d = await layer.digest()
+        assert _blob(tmp_path / "second", d).stat().st_ino == (
+            (tmp_path / "c" / d.filename).stat().st_ino
+        )
+    # No temp names left behind by the links.
+    assert not [p for p in (tmp_path / "second" / "blobs" / "sha256").iterdir() if "tmp" in p.name]
+
+
+@pytest.mark.anyio
+async def test_a_rotted_warm_entry_is_never_linked(tmp_path: Path) -> None:
+    """Bit rot that keeps size and mtime: the proof still holds, so only the hash of what
+    the link would publish catches it; the entry is condemned and the blob fetched anew."""
+    fs = FilesystemCache(tmp_path / "c")
+    src = random.image(200 * 1024, 1)
+    await layout.write(tmp_path / "first", cache.image(src, fs), link=False)
+    (layer,) = await src.layers()
+    d = await layer.digest()
+    entry = tmp_path / "c" / d.filename
+    st = entry.stat()
+    with open(entry, "r+b") as f:
+        f.seek(1000)
+        f.write(b"\xff\x00\xff")
+    os.utime(entry, ns=(st.st_atime_ns, st.st_mtime_ns))
+    fs2 = FilesystemCache(tmp_path / "c")
+    await layout.write(tmp_path / "second", cache.image(src, fs2))
+    blob = _blob(tmp_path / "second", d)
+    assert "sha256:" + hashlib.sha256(blob.read_bytes()).hexdigest() == str(d)
+    assert blob.stat().st_ino != st.st_ino  # not the rotted inode

@@ -334,6 +334,73 @@ class AtomicFile:
         self.size = size
         self.head = self.head[:size]
 
+    def _link_proven_sync(
+        self, src_fd: int, size: int, expected: Hash, after: Callable[[], object] | None
+    ) -> Hash | None:
+        link = self._new_name()
+        try:  # the very inode of the open descriptor, not whatever its path names now
+            fds = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:  # (linkat with AT_SYMLINK_FOLLOW: plain link() would not follow it)
+                os.link(str(src_fd), link, src_dir_fd=fds, follow_symlinks=True)
+            finally:
+                os.close(fds)
+        except OSError:  # no /proc, another filesystem, not permitted, too many links
+            return None
+        try:
+            if os.lstat(link).st_ino != os.fstat(src_fd).st_ino:
+                os.unlink(link)
+                return None
+            hasher = expected.hasher()
+            pos = 0
+            while pos < size:
+                data = os.pread(src_fd, min(size - pos, _HASH_STEP), pos)
+                if not data:
+                    raise OSError(f"the file ended after {pos} of {size} bytes")
+                hasher.update(data)
+                pos += len(data)
+            got = Hash(expected.algorithm, hasher.hexdigest())
+            if got != expected:
+                os.unlink(link)
+                return got
+            if self.durable:
+                os.fsync(src_fd)  # its data on disk (at once when it is already)
+            os.replace(link, self.final)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(link)
+            raise
+        # Our own temp file was never written: drop it.
+        os.close(self._fd_box.pop())
+        if self._finalizer is not None:
+            self._finalizer.detach()
+        with contextlib.suppress(OSError):
+            os.unlink(self.tmp)
+        if after is not None:
+            after()
+        return got
+
+    async def link_proven(
+        self, src_fd: int, size: int, expected: Hash, after: Callable[[], object] | None = None
+    ) -> Hash | None:
+        """Become a hard link to the open file ``src_fd`` (a proven cache entry), hashed.
+
+        One job: link the descriptor's inode under a temp name, hash its
+        ``size`` bytes, and only when they hash to ``expected`` rename it to
+        the final name and run ``after``. Returns the hash of what is there
+        (the caller condemns the source when it is not ``expected``: then
+        nothing was renamed), or None when no link can be made here (the temp
+        file stays, for :meth:`copy_from`).
+        """
+        self._check("link")
+        await self._settle(0)
+        loop = asyncio.get_running_loop()
+        got: Hash | None = await loop.run_in_executor(
+            self._executor, self._link_proven_sync, src_fd, size, expected, after
+        )
+        if got == expected:
+            self._file = self._raw = None
+        return got
+
     async def copy_from(self, src_fd: int, size: int, expected: Hash) -> Hash:
         """Copy ``size`` bytes of open file ``src_fd`` in the kernel (``copy_file_range``).
 

@@ -180,14 +180,23 @@ class _Writer:
                 raw = await filled.reopen()
             proven = raw.extra(StreamAttribute.proven_file, None)
             if proven is not None and proven.digest == h and proven.size == desc.size:
-                # A proven cache entry: the kernel copies it, and what lands is hashed
-                # before the rename, so a file that rotted since its proof never passes.
+                # A proven cache entry: linked (or else copied by the kernel), and what is
+                # there is hashed before the rename, so a file that rotted since its proof
+                # never passes.
+                proof = functools.partial(_record_proof, out.final, h)
                 async with raw:
-                    landed = await out.copy_from(proven.fd, desc.size, h)
+                    landed = None
+                    if self.link:
+                        landed = await out.link_proven(proven.fd, desc.size, h, after=proof)
+                    linked = landed is not None
+                    if not linked:
+                        landed = await out.copy_from(proven.fd, desc.size, h)
                     if landed != h:
                         await proven.condemn()
                         raise DigestMismatchError(f"cache copy of blob {h}", h, landed)
                     proven.consumed(desc.size)
+                if linked:
+                    return
             else:
                 stream = VerifyingStream(raw, h, desc.size, what=f"blob {h}")
                 async with stream:
