@@ -18,7 +18,7 @@ import anyio
 import anyio.to_thread
 import pytest
 
-from aiolayercache import _atomic, cache, layout, random
+from aiolayercache import _atomic, _dirs, cache, layout, random
 from aiolayercache._atomic import DirSync
 from aiolayercache.cache import FilesystemCache
 from aiolayercache.streams import drain
@@ -53,7 +53,7 @@ def test_dirsync_an_fsync_begins_after_every_caller_and_they_share(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     syncs = SlowSyncs(0.05)
-    monkeypatch.setattr(_atomic, "fsync_dir", syncs)
+    monkeypatch.setattr(_dirs, "fsync_dir", syncs)
     ds = DirSync(os.fspath(tmp_path))
     calls: list[float] = []
     lock = threading.Lock()
@@ -79,7 +79,7 @@ def test_dirsync_an_fsync_begins_after_every_caller_and_they_share(
 def test_dirsync_failure_reaches_the_caller_that_ran_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(_atomic, "fsync_dir", SlowSyncs(0.0, fail=True))
+    monkeypatch.setattr(_dirs, "fsync_dir", SlowSyncs(0.0, fail=True))
     ds = DirSync(os.fspath(tmp_path))
     with pytest.raises(OSError, match="Input/output"):
         ds.sync()
@@ -90,7 +90,7 @@ async def test_entries_committed_together_share_directory_fsyncs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     syncs = SlowSyncs(0.03)
-    monkeypatch.setattr(_atomic, "fsync_dir", syncs)
+    monkeypatch.setattr(_dirs, "fsync_dir", syncs)
     root = tmp_path / "c"
     fs = FilesystemCache(root)
     img = cache.image(random.image(64 * 1024, 16), fs)
@@ -369,6 +369,7 @@ async def test_a_rotted_warm_entry_is_never_linked(tmp_path: Path) -> None:
         f.seek(1000)
         f.write(b"\xff\x00\xff")
     os.utime(entry, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.link(entry, tmp_path / "rotted")  # keeps the inode (its number is not reused)
     fs2 = FilesystemCache(tmp_path / "c")
     await layout.write(tmp_path / "second", cache.image(src, fs2))
     blob = _blob(tmp_path / "second", d)

@@ -6,10 +6,8 @@ import asyncio
 import contextlib
 import functools
 import os
-import re
 import secrets
 import stat
-import threading
 import weakref
 from collections import deque
 from collections.abc import Callable
@@ -21,6 +19,7 @@ import aiofiles.threadpool.binary
 import anyio
 import anyio.to_thread
 
+from ._dirs import DirSync, fsync_dir, sweep_temps
 from ._hash import Hash
 from ._lane import SerialExecutor
 
@@ -39,100 +38,6 @@ _fdatasync = getattr(os, "fdatasync", os.fsync)
 _fadvise = getattr(os, "posix_fadvise", None)
 _DONTNEED = getattr(os, "POSIX_FADV_DONTNEED", 4)
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
-
-
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class DirSync:
-    """One directory's fsyncs, batched: renames that land together share one.
-
-    :meth:`sync` (blocking, in a worker thread, after a rename) makes sure an
-    fsync of the directory *begins after the call*: it runs one itself when
-    none is running; when one is, it only marks another as due, and the
-    running thread runs that too before it returns. So commits never queue
-    behind each other's directory fsyncs, and a burst of commits costs a few
-    of them. (A cache entry whose name is lost in a power cut is fetched
-    again; its data was fsynced before the rename, so a name never shows a
-    partial file.)
-    """
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._lock = threading.Lock()
-        self._running = False
-        self._due = False
-        self.syncs = 0  # how many fsyncs ran (for tests and stats)
-
-    def sync(self) -> None:
-        with self._lock:
-            if self._running:
-                self._due = True  # the running thread syncs once more
-                return
-            self._running = True
-        try:
-            while True:
-                with self._lock:
-                    self._due = False
-                fsync_dir(self.path)
-                with self._lock:
-                    self.syncs += 1
-                    if not self._due:
-                        self._running = False
-                        return
-        except BaseException:
-            with self._lock:
-                self._running = False
-            raise
-
-
-# The names AtomicFile gives its temp files: ".<tag>.<16 hex>.tmp".
-_TEMP_NAME = re.compile(r"\.[0-9A-Za-z_-]{1,64}\.[0-9a-f]{16}\.tmp")
-
-
-def sweep_temps(directory: str, *, ours_only: bool = False) -> list[str]:
-    """Remove temp files in ``directory`` whose writer is gone (their lock is free).
-
-    Never guesses by age: a live writer holds an exclusive ``flock`` on its
-    temp file until it commits or discards it. With ``ours_only`` only names
-    that :class:`AtomicFile` gives are touched (in a directory we share with
-    others, such as a layout). Symlinks are never followed. Returns the
-    removed names.
-    """
-    removed: list[str] = []
-    try:
-        names = os.listdir(directory)
-    except OSError:  # absent, not a directory, or not ours to list: nothing to sweep
-        return removed
-    for name in names:
-        if not name.endswith(".tmp"):
-            continue
-        if ours_only and not _TEMP_NAME.fullmatch(name):
-            continue
-        path = os.path.join(directory, name)
-        try:
-            fd = os.open(path, os.O_RDONLY | _NOFOLLOW)
-        except OSError:
-            continue
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                continue
-            if fcntl is not None:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except OSError:
-                    continue  # a live writer holds it
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-                removed.append(name)
-        finally:
-            os.close(fd)
-    return removed
 
 
 def _cleanup(tmp: str, fd_box: list[int]) -> None:

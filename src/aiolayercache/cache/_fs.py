@@ -22,7 +22,6 @@ import contextlib
 import logging
 import os
 import stat
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -44,7 +43,7 @@ from ._bound import Budget
 from ._flight import FLIGHTS, OPENING, EntryLocks, Flight
 from ._layers import TeeLayer, cached_layer
 from ._proofs import Meta, ProofStore
-from ._sink import EntrySink
+from ._sink import EntrySink, claim
 from ._upkeep import EntryInfo, VerifyReport
 
 __all__ = ["EntryInfo", "FilesystemCache", "VerifyReport"]
@@ -222,20 +221,12 @@ class FilesystemCache:
         Readers in other processes that hold an entry open finish reading it
         (POSIX keeps an unlinked file's bytes for open descriptors).
         """
-        entries = await self.entries()
-        now = time.time()
         removed: list[EntryInfo] = []
-        total = sum(e.size for e in entries)
-        for e in reversed(entries):  # least recently used first
-            too_old = older_than is not None and now - e.last_used > older_than
-            too_big = max_bytes is not None and total > max_bytes
-            if not (too_old or too_big):
-                continue
+        for e in _upkeep.to_prune(await self.entries(), max_bytes, older_than):
             try:
                 await self.delete(e.digest)
             except LayerNotFoundError:
                 continue
-            total -= e.size
             removed.append(e)
         return removed
 
@@ -336,33 +327,6 @@ class FilesystemCache:
             s.hits, s.misses, s.bytes_served, s.bytes_written, evictions, self.write_errors
         )
 
-    def _claim(self, store: ProofStore, h: Hash, sink: EntrySink) -> tuple[Meta, Any] | bool | None:
-        """(A worker thread.) Take entry ``h``'s lock, look again, create the temp file.
-
-        None: another process holds the lock (wait for it on the loop); the
-        entry's meta and open file when it is there now; False: ``sink``
-        holds the lock (if locks work here) and its temp file is made."""
-        assert self._locks is not None
-        try:
-            fd = self._locks.try_lock(h)
-        except OSError as exc:  # the locks directory cannot be used: fill without
-            self._no_locks(exc)
-        else:
-            if fd is None:
-                return None
-            sink.hold(fd)
-        try:
-            got = store.open_entry(h, None)
-        except FileNotFoundError:
-            got = None
-        except OSError as exc:  # unreadable, or no longer a regular file
-            store.unusable(store.entry(h), exc)
-            got = None
-        if got is not None:
-            return got
-        sink.open_sync()
-        return False
-
     async def fill(
         self,
         h: Hash,
@@ -420,7 +384,9 @@ class FilesystemCache:
             )
             try:
                 # One worker-thread job: lock, look again, create the temp file.
-                claimed = await anyio.to_thread.run_sync(self._claim, store, h, sink)
+                claimed = await anyio.to_thread.run_sync(
+                    claim, self._locks, store, sink, self._no_locks
+                )
                 stream = None
                 if claimed is None:  # another process fills it: wait for its lock
                     try:

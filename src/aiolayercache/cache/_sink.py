@@ -5,14 +5,15 @@ from __future__ import annotations
 import os
 import weakref
 from collections.abc import Callable
+from typing import BinaryIO
 
 from .._atomic import AtomicFile
 from .._hash import Hash
 from ..streams import sniff
-from ._flight import Flight, unlock
+from ._flight import EntryLocks, Flight, unlock
 from ._proofs import Meta, ProofStore
 
-__all__ = ["EntrySink"]
+__all__ = ["EntrySink", "claim"]
 
 
 def _orphaned(flight: Flight, lock_box: list[int]) -> None:
@@ -45,6 +46,7 @@ class EntrySink:
     ) -> None:
         self._store = store
         self._h = h
+        self.h = h
         self._info = info
         self._flight = flight
         self._on_error = on_error
@@ -123,3 +125,35 @@ class EntrySink:
             await self._file.discard()
         finally:
             self.release()
+
+
+def claim(
+    locks: EntryLocks, store: ProofStore, sink: EntrySink, no_locks: Callable[[OSError], None]
+) -> tuple[Meta, BinaryIO] | bool | None:
+    """(One worker-thread job.) Take the lock of ``sink``'s entry, look again, create
+    the temp file.
+
+    None: another process holds the lock (wait for it on the loop); the
+    entry's meta and open file when it is there now; False: ``sink`` holds
+    the lock (if locks work here: else ``no_locks`` is told) and its temp
+    file is made."""
+    h = sink.h
+    try:
+        fd = locks.try_lock(h)
+    except OSError as exc:  # the locks directory cannot be used: fill without
+        no_locks(exc)
+    else:
+        if fd is None:
+            return None
+        sink.hold(fd)
+    try:
+        got = store.open_entry(h, None)
+    except FileNotFoundError:
+        got = None
+    except OSError as exc:  # unreadable, or no longer a regular file
+        store.unusable(store.entry(h), exc)
+        got = None
+    if got is not None:
+        return got
+    sink.open_sync()
+    return False

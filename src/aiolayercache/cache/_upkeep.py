@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import stat
+import time
 from dataclasses import dataclass, field
 
 from .._atomic import sweep_temps
@@ -20,7 +21,7 @@ from .._errors import CacheDirectoryError
 from .._hash import Hash
 from ._proofs import _PROOFS, ProofStore
 
-__all__ = ["EntryInfo", "VerifyReport", "entries", "remove", "verify_all"]
+__all__ = ["EntryInfo", "VerifyReport", "entries", "remove", "to_prune", "verify_all"]
 
 log = logging.getLogger("aiolayercache.cache")
 
@@ -151,3 +152,20 @@ def remove(store: ProofStore, h: Hash) -> bool:
     finally:
         store.forget(entry)
     return True
+
+
+def to_prune(
+    entries: list[EntryInfo], max_bytes: int | None, older_than: float | None
+) -> list[EntryInfo]:
+    """What ``prune`` removes of ``entries`` (most recently used first): least recently
+    used first until at most ``max_bytes`` remain, and all unused for ``older_than`` s."""
+    now = time.time()
+    total = sum(e.size for e in entries)
+    out: list[EntryInfo] = []
+    for e in reversed(entries):
+        too_old = older_than is not None and now - e.last_used > older_than
+        too_big = max_bytes is not None and total > max_bytes
+        if too_old or too_big:
+            out.append(e)
+            total -= e.size
+    return out
