@@ -375,3 +375,25 @@ async def test_a_rotted_warm_entry_is_never_linked(tmp_path: Path) -> None:
     blob = _blob(tmp_path / "second", d)
     assert "sha256:" + hashlib.sha256(blob.read_bytes()).hexdigest() == str(d)
     assert blob.stat().st_ino != st.st_ino  # not the rotted inode
+
+
+@pytest.mark.anyio
+async def test_a_pull_again_into_the_same_layout_rewrites_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Start-up and "again": nothing new means no index.json rewrite and no fsync; an
+    image pulled again under its name keeps its place in index.json."""
+    fs = FilesystemCache(tmp_path / "c")
+    a, b = random.image(1024, 1), random.image(1024, 1)
+    dest = tmp_path / "out"
+    await layout.write(dest, cache.image(a, fs), ref_name="a")
+    await layout.write(dest, cache.image(b, fs), ref_name="b")
+    before = (dest / "index.json").read_bytes()
+    st = (dest / "index.json").stat()
+    syncs = SlowSyncs(0.0)
+    monkeypatch.setattr(_dirs, "fsync_dir", syncs)
+    monkeypatch.setattr(_atomic, "fsync_dir", syncs)
+    await layout.write(dest, cache.image(a, fs), ref_name="a")
+    assert (dest / "index.json").read_bytes() == before
+    assert (dest / "index.json").stat().st_ino == st.st_ino  # not replaced
+    assert syncs.calls == []

@@ -90,6 +90,7 @@ class _Writer:
         self.dirs: set[str] = set()
         self.written = 0
         self.reused = 0
+        self.waited = False
 
     def _verified(self, h: Hash, size: int) -> bool:
         """Is a good copy of ``h`` there already? A bad one stays until the new copy
@@ -121,6 +122,7 @@ class _Writer:
         self.claimed.add(h)
         key = (id(asyncio.get_running_loop()), blob_path(self.root, h))
         while (other := _WRITING.get(key)) is not None:
+            self.waited = True  # (its name must be on disk before our index.json, too)
             await other.wait()  # another writer of this layout has it: then it is reused
         done = _WRITING[key] = anyio.Event()
         try:
@@ -395,7 +397,7 @@ async def write_all(
                 annotations={REF_NAME: ref_name},
             )
         named.append(desc)
-    if w.durable:
+    if w.durable and (w.written or w.waited):
         # The blobs' names are on disk before index.json can point at them.
         for d in sorted(w.dirs):
             await anyio.to_thread.run_sync(fsync_dir, d)
@@ -436,20 +438,26 @@ async def _update_index(root: str, named: list[Descriptor], durable: bool) -> No
         manifests = list(IndexManifest.parse(current).manifests)
     for desc in named:
         name = (desc.annotations or {}).get(REF_NAME)
-        manifests = [
-            d
-            for d in manifests
-            if not (
-                (name is not None and (d.annotations or {}).get(REF_NAME) == name)
-                or (name is None and d.annotations is None and d.digest == desc.digest)
-            )
-        ]
-        manifests.append(desc)
+
+        def same(d: Descriptor, name: str | None = name, desc: Descriptor = desc) -> bool:
+            if name is not None:
+                return (d.annotations or {}).get(REF_NAME) == name
+            return d.annotations is None and d.digest == desc.digest
+
+        at = [i for i, d in enumerate(manifests) if same(d)]
+        if at:  # replaced where it was (a pull again leaves index.json as it is)
+            manifests[at[0]] = desc
+            manifests = [d for i, d in enumerate(manifests) if i not in at[1:]]
+        else:
+            manifests.append(desc)
     doc = IndexManifest(schema_version=2, manifests=manifests, media_type=MediaType.OCI_IMAGE_INDEX)
+    raw = doc.to_json()
+    if raw == current:
+        return  # nothing new: no rewrite, no fsync
     out = AtomicFile(os.path.join(root, "index.json"), root, durable=durable, tag="index")
     await out.open()
     try:
-        await out.write(doc.to_json())
+        await out.write(raw)
         await out.commit()
     except BaseException:
         await out.discard()
