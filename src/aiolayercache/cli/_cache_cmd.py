@@ -7,8 +7,6 @@ import os
 import sys
 import time
 
-import platformdirs
-
 from .. import Hash, InvalidDigestError, LayerNotFoundError
 from ..cache import FilesystemCache
 from ._args import EXIT_FAILED, EXIT_OK, UsageError, human
@@ -20,6 +18,8 @@ def default_cache_dir() -> str:
     env = os.environ.get("AIOLAYERCACHE_CACHE_DIR")
     if env:
         return env
+    import platformdirs  # (only when no directory is given: start-up is cheaper without)
+
     return platformdirs.user_cache_dir("aiolayercache")
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -213,6 +212,8 @@ def _v1(doc: Mapping[str, Any], source: str) -> list[RegistryEntry]:
 
 def parse_conf(text: str, source: str) -> list[RegistryEntry]:
     """The ``[[registry]]`` tables of one file's text, checked."""
+    import tomllib  # (only when there is a file: most pulls have none)
+
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
