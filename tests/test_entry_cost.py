@@ -279,34 +279,36 @@ async def test_a_layout_links_the_entries_it_filled_and_link_false_copies(
 
 
 @pytest.mark.anyio
-async def test_an_entry_replaced_before_the_link_is_not_linked(
+async def test_an_entry_replaced_before_the_link_never_reaches_the_layout(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Between the entry's commit and the layout's link, the entry's name gets another
-    file (with wrong bytes): the link would not be the inode the tee hashed, so it is
-    dropped and the blob is read again (not through the cache) and written as a copy."""
+    """Between the entry's commit and the layout's link, another process renames a file of
+    the same size (wrong bytes) over the entry's name, again and again (so the freed inode
+    number may come back): the layout links the very file the tee hashed, by descriptor,
+    never what the name holds by then. (The attack: 5 runs in 10 got wrong blobs when the
+    link went by path and checked the inode number.)"""
     fs = FilesystemCache(tmp_path / "c")
-    src = random.image(100 * 1024, 1)
-    (layer,) = await src.layers()
-    d = await layer.digest()
-    entry = tmp_path / "c" / d.filename
-    real_link = os.link
-    swapped: list[str] = []
+    src = random.image(100 * 1024, 3)
+    layers = await src.layers()
+    real_link_fd = _atomic.link_fd
+    swapped: list[int] = []
 
-    def link_after_a_swap(a: str, b: str, **kw: object) -> None:
-        if a == str(entry) and not swapped:
-            bad = tmp_path / "bad"
-            bad.write_bytes(b"\0" * entry.stat().st_size)
-            os.replace(bad, entry)  # a new inode under the entry's name
-            swapped.append(a)
-        real_link(a, b, **kw)  # type: ignore[arg-type]
+    def swap_then_link(fd: int, dst: str) -> bool:
+        for layer_file in (tmp_path / "c").glob("sha256:*"):
+            for _ in range(3):  # a few rounds: freed inode numbers get reused
+                bad = tmp_path / f"bad-{os.urandom(8).hex()}"
+                bad.write_bytes(b"E" * layer_file.stat().st_size)
+                os.replace(bad, layer_file)
+                swapped.append(1)
+        return real_link_fd(fd, dst)
 
-    monkeypatch.setattr(_atomic.os, "link", link_after_a_swap)
+    monkeypatch.setattr(_atomic, "link_fd", swap_then_link)
     await layout.write(tmp_path / "out", cache.image(src, fs))
     assert swapped
-    blob = _blob(tmp_path / "out", d)
-    assert "sha256:" + hashlib.sha256(blob.read_bytes()).hexdigest() == str(d)
-    assert blob.stat().st_ino != entry.stat().st_ino
+    for layer in layers:
+        d = await layer.digest()
+        blob = _blob(tmp_path / "out", d)
+        assert "sha256:" + hashlib.sha256(blob.read_bytes()).hexdigest() == str(d)
 
 
 @pytest.mark.anyio
@@ -397,3 +399,59 @@ async def test_a_pull_again_into_the_same_layout_rewrites_nothing(
     assert (dest / "index.json").read_bytes() == before
     assert (dest / "index.json").stat().st_ino == st.st_ino  # not replaced
     assert syncs.calls == []
+
+
+@pytest.mark.anyio
+async def test_prune_says_what_it_freed_when_layouts_link_entries(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from aiolayercache.cli import main
+
+    fs = FilesystemCache(tmp_path / "c")
+    src = random.image(100 * 1024, 2)
+    await layout.write(tmp_path / "out", cache.image(src, fs))
+    infos = await fs.entries()
+    layer_digests = {await x.digest() for x in await src.layers()}
+    assert all(e.links == 2 for e in infos if e.digest in layer_digests)
+    capsys.readouterr()
+    # (the CLI runs its own event loop: in a thread, as this test has one)
+    code = await anyio.to_thread.run_sync(
+        main, ["cache", "prune", "--max-size", "0", "--cache-dir", str(tmp_path / "c")]
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "still held by layouts that link them" in out, out
+    # The layout is whole after its entries went.
+    for d in layer_digests:
+        data = _blob(tmp_path / "out", d).read_bytes()
+        assert "sha256:" + hashlib.sha256(data).hexdigest() == str(d)
+
+
+@pytest.mark.anyio
+async def test_a_full_disk_under_a_layout_names_the_blob(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from aiolayercache.layout import LayoutError
+
+    async def no_space(self: _atomic.AtomicFile, chunk: bytes) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(_atomic.AtomicFile, "write", no_space)
+    with pytest.raises(LayoutError, match=r"blobs/sha256/[0-9a-f]{64}: cannot write blob .*space"):
+        await layout.write(tmp_path / "out", random.image(100 * 1024, 1), link=False)
+
+
+def test_ctrl_c_outside_a_command_exits_130_with_a_message(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A Ctrl-C during start-up (argument parsing, imports) or at exit: no traceback."""
+    import aiolayercache.cli as cli
+
+    def interrupted() -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "main", interrupted)
+    with pytest.raises(SystemExit) as exc:
+        cli.run()
+    assert exc.value.code == cli.EXIT_INTERRUPTED == 130
+    assert capsys.readouterr().err == "aiolayercache: interrupted\n"

@@ -7,7 +7,6 @@ import contextlib
 import functools
 import os
 import secrets
-import stat
 import weakref
 from collections import deque
 from collections.abc import Callable
@@ -38,6 +37,29 @@ _fdatasync = getattr(os, "fdatasync", os.fsync)
 _fadvise = getattr(os, "posix_fadvise", None)
 _DONTNEED = getattr(os, "POSIX_FADV_DONTNEED", 4)
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+
+
+def link_fd(fd: int, dst: str) -> bool:
+    """Hard-link the inode open as ``fd`` at ``dst`` (linkat through /proc/self/fd, so the
+    very file, not whatever its old path names now). False where that cannot be done
+    (no /proc, another filesystem, not permitted, too many links, ``dst`` exists)."""
+    try:
+        fds = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:  # (AT_SYMLINK_FOLLOW: plain link() would link the /proc symlink itself)
+        os.link(str(fd), dst, src_dir_fd=fds, follow_symlinks=True)
+    except OSError:
+        return False
+    finally:
+        os.close(fds)
+    return True
+
+
+def _close_all(fds: list[int]) -> None:
+    while fds:
+        with contextlib.suppress(OSError):
+            os.close(fds.pop())
 
 
 def _cleanup(tmp: str, fd_box: list[int]) -> None:
@@ -77,7 +99,10 @@ class AtomicFile:
         # commits that land together share one fsync of the directory.
         self.sync_dir = sync_dir
         self._raw: Any = None  # the unbuffered file object over the temp descriptor
-        self.identity: tuple[int, int] | None = None  # (st_dev, st_ino) once committed
+        # With keep_open, the committed file stays open (``kept``) until close_kept().
+        self.keep_open = False
+        self._kept: list[int] = []
+        self._kept_finalizer = weakref.finalize(self, _close_all, self._kept)
         self.head = b""
         self.size = 0
         self._fd_box: list[int] = []
@@ -243,13 +268,7 @@ class AtomicFile:
         self, src_fd: int, size: int, expected: Hash, after: Callable[[], object] | None
     ) -> Hash | None:
         link = self._new_name()
-        try:  # the very inode of the open descriptor, not whatever its path names now
-            fds = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:  # (linkat with AT_SYMLINK_FOLLOW: plain link() would not follow it)
-                os.link(str(src_fd), link, src_dir_fd=fds, follow_symlinks=True)
-            finally:
-                os.close(fds)
-        except OSError:  # no /proc, another filesystem, not permitted, too many links
+        if not link_fd(src_fd, link):
             return None
         try:
             if os.lstat(link).st_ino != os.fstat(src_fd).st_ino:
@@ -274,12 +293,7 @@ class AtomicFile:
             with contextlib.suppress(OSError):
                 os.unlink(link)
             raise
-        # Our own temp file was never written: drop it.
-        os.close(self._fd_box.pop())
-        if self._finalizer is not None:
-            self._finalizer.detach()
-        with contextlib.suppress(OSError):
-            os.unlink(self.tmp)
+        self._drop_temp()
         if after is not None:
             after()
         return got
@@ -328,8 +342,8 @@ class AtomicFile:
         fd = self._fd_box[0]
         if self.durable:
             os.fsync(fd)
-        st = os.fstat(fd)
-        self.identity = (st.st_dev, st.st_ino)
+        if self.keep_open:  # the committed inode, for a consumer to link (then close_kept)
+            self._kept.append(os.dup(fd))
         # Rename while the descriptor (and its flock) is still held: a sweep in another
         # writer removes only unlocked temp files, and would take this one otherwise.
         try:
@@ -367,59 +381,35 @@ class AtomicFile:
 
         await asyncio.get_running_loop().run_in_executor(self._executor, finish)
 
-    def _link_sync(self, source: tuple[str, int, int], fsync: bool) -> bool:
-        path, dev, ino = source
-        try:
-            os.link(path, self.final, follow_symlinks=False)
-        except OSError:  # another filesystem, not allowed, too many links, gone, there
-            return False
-        try:
-            st = os.lstat(self.final)
-            if (st.st_dev, st.st_ino) != (dev, ino):
-                # Replaced between its commit and our link: never keep bytes not hashed.
-                if stat.S_ISREG(st.st_mode):
-                    os.unlink(self.final)
-                return False
-            if fsync:  # the source was not fsynced (a "fast" cache) but this file must be
-                fd = os.open(self.final, os.O_RDONLY | _NOFOLLOW)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-        except OSError:
-            with contextlib.suppress(OSError):
-                os.unlink(self.final)
-            return False
-        # The temp file was never written: drop it.
+    def _drop_temp(self) -> None:
+        """(In the job that linked the final name.) The temp file was never written."""
         os.close(self._fd_box.pop())
         if self._finalizer is not None:
             self._finalizer.detach()
         with contextlib.suppress(OSError):
             os.unlink(self.tmp)
-        return True
 
     async def commit_link(
-        self,
-        source: tuple[str, int, int],
-        *,
-        source_durable: bool,
-        after: Callable[[], object] | None = None,
+        self, src_fd: int, *, fsync: bool, after: Callable[[], object] | None = None
     ) -> bool:
-        """Become a hard link to ``source`` = (path, st_dev, st_ino) instead of a copy.
+        """Become a hard link to the open file ``src_fd`` instead of a copy.
 
-        One job: link ``source`` at the final name (atomic, as a rename), check
-        that the name now holds that very inode (else remove it), then drop the
-        unwritten temp file and run ``after``. False, with the temp file kept
-        for writing, when the link cannot be made (another filesystem, not
-        permitted, the final name taken, the source replaced or gone).
+        One job: link the descriptor's very inode (not whatever its path names
+        now) at the final name (atomic, as a rename; never over an existing
+        blob), fsync it when asked (its source was not), then drop the unwritten
+        temp file and run ``after``. False, with the temp file kept for writing,
+        when no link can be made (another filesystem, not permitted, the final
+        name taken, too many links).
         """
         self._check("link")
         await self._settle(0)
-        fsync = self.durable and not source_durable
 
         def link() -> bool:
-            if not self._link_sync(source, fsync):
+            if not link_fd(src_fd, self.final):
                 return False
+            if fsync:
+                os.fsync(src_fd)
+            self._drop_temp()
             if after is not None:
                 after()
             return True
@@ -428,6 +418,10 @@ class AtomicFile:
         if linked:
             self._file = self._raw = None
         return linked
+
+    def take_kept(self) -> int | None:
+        """The committed file, open (with ``keep_open``): the caller closes it."""
+        return self._kept.pop() if self._kept else None
 
     async def discard(self) -> None:
         """Drop the temp file (waits for a write in progress). Never raises OSError."""

@@ -8,6 +8,7 @@ its inner stream's ``extra_attributes`` (and may replace one of them).
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 from anyio import TypedAttributeSet, typed_attribute
@@ -15,7 +16,7 @@ from anyio.abc import ByteReceiveStream
 
 from ._hash import Hash
 
-__all__ = ["FilledEntry", "ProvenFile", "StreamAttribute"]
+__all__ = ["LINK_WANTED", "FilledEntry", "ProvenFile", "StreamAttribute"]
 
 
 def _ignore(n: int) -> None:
@@ -45,19 +46,26 @@ class ProvenFile:
 class FilledEntry:
     """The cache entry a stream fills as it is read.
 
-    Once the stream has ended cleanly, ``committed()`` gives the entry's path
-    and the device and inode of the file that holds exactly the bytes the
-    stream hashed on their way in (None when the entry was not kept).
-    ``durable``: that file was fsynced. A consumer that wants the same bytes
-    in a file of its own may hard-link the entry instead of writing them
-    again, if what it linked is that inode. When the entry was not kept (a
-    full disk), ``reopen`` reads the bytes again from where the cache read
-    them, without trying to cache them a second time.
+    Once the stream has ended cleanly (before it is closed), ``take()`` hands
+    over a descriptor of the very file the stream's bytes went into as they
+    were hashed (None when the entry was not kept); the caller closes it. A
+    cache offers this only to a reader that set :data:`LINK_WANTED` while
+    opening the stream. ``durable``: that file was
+    fsynced. A consumer that wants the same bytes in a file of its own may
+    hard-link that descriptor's inode instead of writing them again (by
+    descriptor, never by the entry's path, which may name another file by
+    then). When the entry was not kept (a full disk), ``reopen`` reads the
+    bytes again from where the cache read them, without caching them twice.
     """
 
-    committed: Callable[[], tuple[str, int, int] | None]
+    take: Callable[[], int | None]
     durable: bool
     reopen: Callable[[], Awaitable[ByteReceiveStream]]
+
+
+#: Set by a reader that would link a cache entry it fills (see :class:`FilledEntry`),
+#: while it opens the stream: only then does the cache keep the committed file open.
+LINK_WANTED: ContextVar[bool] = ContextVar("aiolayercache_link_wanted", default=False)
 
 
 class StreamAttribute(TypedAttributeSet):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import logging
 import os
@@ -24,7 +25,7 @@ from anyio.abc import ByteReceiveStream
 
 from . import mutate, partial
 from ._atomic import AtomicFile, fsync_dir, sweep_temps
-from ._attrs import FilledEntry
+from ._attrs import LINK_WANTED, FilledEntry
 from ._errors import CacheReadError, DigestMismatchError, first_error
 from ._hash import Hash
 from ._layout_base import REF_NAME, LayoutError, blob_path, inside, read_index_json
@@ -74,6 +75,8 @@ def _proof_holds(path: str, h: Hash, st: os.stat_result) -> bool:
         return False
     return value == _proof_value(h, st)
 
+
+_NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
 
 # Blobs being written, by (event loop, path): concurrent writers of one layout in this
 # process (many pulls into one DEST) write each shared blob once; the others wait.
@@ -127,6 +130,11 @@ class _Writer:
         done = _WRITING[key] = anyio.Event()
         try:
             await self._blob(desc, open_)
+        except OSError as exc:
+            if exc.filename is not None or exc.errno not in _NO_ROOM:
+                raise
+            # A full disk, a quota, a read-only filesystem, a file too big: say which file.
+            raise LayoutError(f"{key[1]}: cannot write blob {h}: {exc.strerror or exc}") from exc
         finally:
             del _WRITING[key]
             done.set()
@@ -174,7 +182,11 @@ class _Writer:
         h = desc.digest
         out.attach()
         try:
-            raw = await open_()
+            wanted = LINK_WANTED.set(self.link)
+            try:
+                raw = await open_()
+            finally:
+                LINK_WANTED.reset(wanted)
             filled = raw.extra(StreamAttribute.filled_entry, None) if self.link else None
             if filled is not None and await self._link(desc, raw, filled, out):
                 return
@@ -220,15 +232,18 @@ class _Writer:
         async with stream:
             async for _ in stream:
                 pass
-        entry = filled.committed()
-        if entry is None:
+            fd = filled.take()  # (ended cleanly: the entry is committed, or was not kept)
+        if fd is None:
             return False
-        # Only bytes hashed on their way in earn a proof (the tee hashed these).
-        return await out.commit_link(
-            entry,
-            source_durable=filled.durable,
-            after=functools.partial(_record_proof, out.final, h),
-        )
+        try:
+            # Only bytes hashed on their way in earn a proof (the tee hashed these).
+            return await out.commit_link(
+                fd,
+                fsync=self.durable and not filled.durable,
+                after=functools.partial(_record_proof, out.final, h),
+            )
+        finally:
+            os.close(fd)
 
     async def data(self, desc: Descriptor, raw: bytes) -> None:
         actual = Hash.of(raw, desc.digest.algorithm)

@@ -32,7 +32,7 @@ from aiofiles.threadpool.binary import AsyncFileIO
 from anyio.abc import ByteReceiveStream
 
 from .._atomic import sweep_temps
-from .._attrs import FilledEntry
+from .._attrs import LINK_WANTED, FilledEntry
 from .._errors import CacheDirectoryError, LayerNotFoundError
 from .._hash import Hash
 from .._protocols import Layer
@@ -345,6 +345,7 @@ class FilesystemCache:
         assert self._locks is not None
         key = (id(asyncio.get_running_loop()), store.entry(h))
         durable = self.durability == "full"
+        link = LINK_WANTED.get()
         while True:
             flight = FLIGHTS.get(key)
             if flight is not None:
@@ -381,6 +382,7 @@ class FilesystemCache:
                 durable=durable,
                 on_error=self._write_error,
                 on_commit=self._committed,
+                keep_open=link,
             )
             try:
                 # One worker-thread job: lock, look again, create the temp file.
@@ -422,15 +424,12 @@ class FilesystemCache:
             OPENING.reset(opening)
         sink.attach()
         # A layout on this filesystem may link the committed entry instead of a second copy.
-        filled = FilledEntry(lambda: sink.committed_file, durable, open_upstream)
+        extra = {}
+        if link:  # the reader may link the committed entry instead of a second copy
+            filled = FilledEntry(sink.take_committed, durable, open_upstream)
+            extra[StreamAttribute.filled_entry] = lambda: filled
         return VerifyingStream(
-            upstream,
-            h,
-            size,
-            what=str(h),
-            sinks=[sink],
-            from_cache=False,
-            extra={StreamAttribute.filled_entry: lambda: filled},
+            upstream, h, size, what=str(h), sinks=[sink], from_cache=False, extra=extra
         )
 
     # --- the Cache protocol ------------------------------------------------------

@@ -43,6 +43,7 @@ class EntrySink:
         durable: bool,
         on_error: Callable[[Hash, BaseException], None],
         on_commit: Callable[[Hash, int], None] | None = None,
+        keep_open: bool = False,
     ) -> None:
         self._store = store
         self._h = h
@@ -55,9 +56,8 @@ class EntrySink:
         self._file = AtomicFile(
             store.entry(h), store.tmpdir, durable=durable, tag=h.hex[:16], sync_dir=store.dirsync
         )
+        self._file.keep_open = keep_open  # a layout may link the very file (take_committed)
         self._finalizer = weakref.finalize(self, _orphaned, flight, self._lock_box)
-        # (path, st_dev, st_ino) of the entry once committed: the file these bytes went into.
-        self.committed_file: tuple[str, int, int] | None = None
 
     def hold(self, lock_fd: int) -> None:
         """Take the entry's lock file (released with the sink)."""
@@ -107,11 +107,14 @@ class EntrySink:
         except FileNotFoundError:
             return  # a bounded cache in another process evicted it already: nothing to prove
         meta = Meta(st.st_size, st.st_mtime_ns, st.st_ino, sniff(self._file.head), **self._info)
-        if self._file.identity is not None:
-            self.committed_file = (self._file.final, *self._file.identity)
         self._store.save(self._file.final, meta)
         if self._on_commit is not None:  # (in the file's worker thread, after the rename)
             self._on_commit(self._h, st.st_size)
+
+    def take_committed(self) -> int | None:
+        """The committed entry's file, open (the inode these bytes went into), or None;
+        the caller closes it."""
+        return self._file.take_kept()
 
     def release(self) -> None:
         """Let go of the flight and the lock (a sink that will not fill)."""

@@ -30,12 +30,14 @@ log = logging.getLogger("aiolayercache.cache")
 class EntryInfo:
     """One cache entry: its hash, size in bytes, last use (epoch seconds) and kind
     (``gzip``, ``zstd``, ``tar``, ``blob``, ``unverified`` while no proof holds, or
-    ``unreadable``)."""
+    ``unreadable``); ``links``: how many names the file has (more than one when
+    layouts hold hard links to it: removing the entry then frees no space)."""
 
     digest: Hash
     size: int
     last_used: float
     kind: str
+    links: int = 1
 
 
 @dataclass(slots=True)
@@ -91,7 +93,7 @@ def entries(store: ProofStore) -> list[EntryInfo]:
             kind = m.kind
         else:
             kind = "unverified"
-        out.append(EntryInfo(h, st.st_size, max(used, st.st_mtime), kind))
+        out.append(EntryInfo(h, st.st_size, max(used, st.st_mtime), kind, st.st_nlink))
     out.sort(key=lambda e: e.last_used, reverse=True)
     return out
 

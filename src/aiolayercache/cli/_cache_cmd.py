@@ -48,7 +48,10 @@ async def cache_command(args: argparse.Namespace) -> int:
         removed = await fs.prune(max_bytes=args.max_size, older_than=args.older_than)
         for e in removed:
             print(f"removed {e.digest} ({human(e.size)})")
-        print(f"{len(removed)} entries removed, {human(sum(e.size for e in removed))} freed")
+        freed = sum(e.size for e in removed if e.links <= 1)
+        held = sum(e.size for e in removed if e.links > 1)
+        also = f" ({human(held)} more still held by layouts that link them)" if held else ""
+        print(f"{len(removed)} entries removed, {human(freed)} freed{also}")
     elif action == "rm":
         try:
             h = Hash.parse(args.digest)
