@@ -44,6 +44,7 @@ class BlobStream(ChunkStream):
         self.resumes = 0
         self._stalled = 0
         self._resumed_at = 0
+        self._rest = b""  # received past the last chunk handed out (not yet in ``offset``)
 
     async def start(self) -> None:
         self._resp = await self._open(0)
@@ -115,6 +116,10 @@ class BlobStream(ChunkStream):
             parts, got = [], 0
             return out
 
+        if self._rest:
+            parts.append(self._rest)
+            got = len(self._rest)
+            self._rest = b""
         while got < CHUNK_SIZE:
             resp = self._resp
             if resp is None:
@@ -144,6 +149,11 @@ class BlobStream(ChunkStream):
                 data = data[drop:]
                 if not data:
                     continue
+            if got + len(data) > CHUNK_SIZE:
+                # Exactly CHUNK_SIZE out: a bigger chunk would be cut by ``receive`` into a
+                # copy of its first part and a view keeping the whole alive.
+                self._rest = data[CHUNK_SIZE - got :]
+                data = data[: CHUNK_SIZE - got]
             parts.append(data)
             got += len(data)
         return take() if got else None
