@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import re
+import weakref
 
 import aiohttp
 import anyio
 from anyio.abc import ByteReceiveStream
 
 from .._errors import SizeMismatchError
+from .._memory_budget import MemoryBudget, memory_budget
 from .._types import Descriptor
 from ..streams import CHUNK_SIZE, ChunkStream, VerifyingStream
 from ._errors import NET_ERRORS, RemoteError, TransportError, redact
@@ -21,6 +23,7 @@ __all__ = ["BlobStream", "open_blob"]
 log = logging.getLogger("aiolayercache.remote")
 
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+_GATHER = CHUNK_SIZE  # the size of the chunks a blob body is joined into
 
 
 async def open_blob(source: BlobSource, ref: Reference, desc: Descriptor) -> ByteReceiveStream:
@@ -45,6 +48,8 @@ class BlobStream(ChunkStream):
         self._stalled = 0
         self._resumed_at = 0
         self._rest = b""  # received past the last chunk handed out (not yet in ``offset``)
+        self._budget: MemoryBudget | None = None
+        self._held: list[bytes] = []  # the chunk last handed out, charged to the budget
 
     async def start(self) -> None:
         self._resp = await self._open(0)
@@ -103,8 +108,35 @@ class BlobStream(ChunkStream):
         self._resp = await self._open(reached)
 
     async def _next(self) -> bytes | None:
-        # Gather what the socket hands over (readany: no copy) and join it once per
-        # ~1 MiB: every byte is copied once, not twice.
+        # Room in the loop's memory budget first: while it is full the bytes stay in the
+        # kernel. The chunk read stays charged (held) until the next call, while it goes
+        # to the lanes and files that take it (they charge it once more for free).
+        budget = self._budget
+        if budget is None:
+            budget = self._budget = memory_budget()
+            weakref.finalize(self, _let_go, budget, self._held)
+        if self._held:
+            budget.unhold(self._held.pop())
+        n = min(_GATHER, max(0, self._desc.size - self.offset))
+        if n:
+            await budget.reserve(n)
+        try:
+            chunk = await self._gather()
+        except BaseException:
+            if n:
+                budget.unreserve(n)
+            raise
+        if chunk is None:
+            if n:
+                budget.unreserve(n)
+            return None
+        budget.hold(chunk, n)
+        self._held.append(chunk)
+        return chunk
+
+    async def _gather(self) -> bytes | None:
+        # Gather what the socket hands over (readchunk: no copy) and join it once per
+        # chunk: every byte is copied once, not twice.
         parts: list[bytes] = []
         got = 0
         size = self._desc.size
@@ -120,13 +152,14 @@ class BlobStream(ChunkStream):
             parts.append(self._rest)
             got = len(self._rest)
             self._rest = b""
-        while got < CHUNK_SIZE:
+        while got < _GATHER:
             resp = self._resp
             if resp is None:
                 await self._resume(None, self.offset + got)
                 continue
             try:
-                data = await resp.content.readany()
+                # One buffered piece as it came (readany would join all buffered first).
+                data, chunk_end = await resp.content.readchunk()
             except NET_ERRORS as exc:
                 if isinstance(exc, RemoteError):
                     raise
@@ -135,6 +168,8 @@ class BlobStream(ChunkStream):
                 if out:
                     return out
                 continue
+            if not data and chunk_end:
+                continue  # the end of an HTTP chunk (chunked transfer encoding), not of the body
             if not data:
                 if self.offset + got < size:
                     out = take()
@@ -149,16 +184,24 @@ class BlobStream(ChunkStream):
                 data = data[drop:]
                 if not data:
                     continue
-            if got + len(data) > CHUNK_SIZE:
-                # Exactly CHUNK_SIZE out: a bigger chunk would be cut by ``receive`` into a
+            if got + len(data) > _GATHER:
+                # Exactly _GATHER out: a bigger chunk would be cut by ``receive`` into a
                 # copy of its first part and a view keeping the whole alive.
-                self._rest = data[CHUNK_SIZE - got :]
-                data = data[: CHUNK_SIZE - got]
+                self._rest = data[_GATHER - got :]
+                data = data[: _GATHER - got]
             parts.append(data)
             got += len(data)
         return take() if got else None
 
     async def _aclose(self) -> None:
+        if self._held and self._budget is not None:
+            self._budget.unhold(self._held.pop())
         if self._resp is not None:
             self._resp.close()
             self._resp = None
+
+
+def _let_go(budget: MemoryBudget, held: list[bytes]) -> None:
+    """Finalizer of a stream dropped without ``aclose``: its hold goes back to the budget."""
+    if held:
+        budget.unhold(held.pop())
