@@ -48,11 +48,13 @@ class BlobStream(ChunkStream):
         self._stalled = 0
         self._resumed_at = 0
         self._rest = b""  # received past the last chunk handed out (not yet in ``offset``)
+        self._fed = 0  # bytes taken from the current response's body
         self._budget: MemoryBudget | None = None
         self._held: list[bytes] = []  # the chunk last handed out, charged to the budget
 
     async def start(self) -> None:
         self._resp = await self._open(0)
+        self._fed = 0
 
     async def _open(self, offset: int) -> aiohttp.ClientResponse:
         resp = await self._source.open_blob_response(self._ref, self._desc, offset)
@@ -106,92 +108,99 @@ class BlobStream(ChunkStream):
         log.debug("%s cut off at byte %d (%s); resuming", what, reached, exc)
         await anyio.sleep(policy.delay(max(0, self._stalled - 1)) if self._stalled else 0)
         self._resp = await self._open(reached)
+        self._fed = 0
 
     async def _next(self) -> bytes | None:
-        # Room in the loop's memory budget first: while it is full the bytes stay in the
-        # kernel. The chunk read stays charged (held) until the next call, while it goes
-        # to the lanes and files that take it (they charge it once more for free).
+        # Memory: the chunk handed out last stays charged to the loop's budget (held)
+        # until now, while it travels to the lanes and files that take it (they charge
+        # it once more for free). A chunk waits for room in the budget after its first
+        # piece came and before any more is taken from aiohttp, and then takes only what
+        # aiohttp has buffered: no room is held while waiting on the network (a stalled
+        # server holds up nobody), and while the budget is full the bytes wait in aiohttp
+        # and the kernel.
         budget = self._budget
         if budget is None:
             budget = self._budget = memory_budget()
             weakref.finalize(self, _let_go, budget, self._held)
         if self._held:
             budget.unhold(self._held.pop())
-        n = min(_GATHER, max(0, self._desc.size - self.offset))
-        if n:
-            await budget.reserve(n)
-        try:
-            chunk = await self._gather()
-        except BaseException:
-            if n:
-                budget.unreserve(n)
-            raise
-        if chunk is None:
-            if n:
-                budget.unreserve(n)
-            return None
+        if not self._rest:
+            first = await self._first_piece()
+            if first is None:
+                return None
+            self._rest = first  # (kept if cancelled below)
+        n = max(len(self._rest), min(_GATHER, self._desc.size - self.offset))
+        await budget.reserve(n)
+        parts, self._rest = [self._rest], b""
+        got = len(parts[0])
+        while got < _GATHER:
+            piece = await self._buffered_piece()
+            if piece is None:
+                break
+            if got + len(piece) > _GATHER:
+                # At most _GATHER out: a bigger chunk would be cut by ``receive`` into a
+                # copy of its first part and a view keeping the whole alive.
+                self._rest = piece[_GATHER - got :]
+                piece = piece[: _GATHER - got]
+            parts.append(piece)
+            got += len(piece)
+        # Gathered as the socket handed it over (readchunk: no copy), joined once.
+        chunk = parts[0] if len(parts) == 1 else b"".join(parts)
+        self.offset += got
         budget.hold(chunk, n)
         self._held.append(chunk)
         return chunk
 
-    async def _gather(self) -> bytes | None:
-        # Gather what the socket hands over (readchunk: no copy) and join it once per
-        # chunk: every byte is copied once, not twice.
-        parts: list[bytes] = []
-        got = 0
-        size = self._desc.size
+    def _take_skip(self, data: bytes) -> bytes:
+        if self._skip:
+            drop = min(self._skip, len(data))
+            self._skip -= drop
+            data = data[drop:]
+        return data
 
-        def take() -> bytes:
-            nonlocal parts, got
-            out = parts[0] if len(parts) == 1 else b"".join(parts)
-            self.offset += got
-            parts, got = [], 0
-            return out
-
-        if self._rest:
-            parts.append(self._rest)
-            got = len(self._rest)
-            self._rest = b""
-        while got < _GATHER:
+    async def _first_piece(self) -> bytes | None:
+        """The next bytes of the body, waiting on the network (and resuming) as needed."""
+        while True:
             resp = self._resp
             if resp is None:
-                await self._resume(None, self.offset + got)
+                await self._resume(None, self.offset)
                 continue
             try:
-                # One buffered piece as it came (readany would join all buffered first).
                 data, chunk_end = await resp.content.readchunk()
             except NET_ERRORS as exc:
                 if isinstance(exc, RemoteError):
                     raise
-                out = take()
                 await self._resume(exc, self.offset)
-                if out:
-                    return out
                 continue
-            if not data and chunk_end:
-                continue  # the end of an HTTP chunk (chunked transfer encoding), not of the body
+            self._fed += len(data)
             if not data:
-                if self.offset + got < size:
-                    out = take()
+                if chunk_end:
+                    continue  # the end of an HTTP chunk (chunked encoding), not of the body
+                if self.offset < self._desc.size:
                     await self._resume(ConnectionError("body ended early"), self.offset)
-                    if out:
-                        return out
                     continue
-                break
-            if self._skip:
-                drop = min(self._skip, len(data))
-                self._skip -= drop
-                data = data[drop:]
-                if not data:
-                    continue
-            if got + len(data) > _GATHER:
-                # Exactly _GATHER out: a bigger chunk would be cut by ``receive`` into a
-                # copy of its first part and a view keeping the whole alive.
-                self._rest = data[_GATHER - got :]
-                data = data[: _GATHER - got]
-            parts.append(data)
-            got += len(data)
-        return take() if got else None
+                return None
+            data = self._take_skip(data)
+            if data:
+                return data
+
+    async def _buffered_piece(self) -> bytes | None:
+        """A piece aiohttp holds already (returned without waiting), or None."""
+        while self._resp is not None:
+            content = self._resp.content
+            if content.total_bytes <= self._fed:
+                return None  # nothing buffered: hand out what we have rather than wait
+            try:
+                data, _ = await content.readchunk()
+            except NET_ERRORS as exc:
+                if isinstance(exc, RemoteError):
+                    raise
+                return None  # the next chunk's first read meets it again, and resumes
+            self._fed += len(data)
+            data = self._take_skip(data)
+            if data:
+                return data
+        return None
 
     async def _aclose(self) -> None:
         if self._held and self._budget is not None:
