@@ -15,7 +15,7 @@ import weakref
 
 __all__ = ["DEFAULT_LIMIT", "MemoryBudget", "memory_budget"]
 
-DEFAULT_LIMIT = 4 * 1024 * 1024
+DEFAULT_LIMIT = 2 * 1024 * 1024
 """The limit of a loop's budget unless set otherwise (``memory_budget().limit = n``)."""
 
 
