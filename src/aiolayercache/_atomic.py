@@ -21,6 +21,7 @@ import anyio.to_thread
 from ._dirs import DirSync, fsync_dir, sweep_temps
 from ._hash import Hash
 from ._lane import SerialExecutor
+from ._memory_budget import MemoryBudget, memory_budget
 
 try:
     import fcntl
@@ -177,8 +178,9 @@ class AtomicFile:
             raise RuntimeError(f"{what} after commit or discard")
         return self._file
 
-    def _written(self, task: asyncio.Task[int], n: int) -> None:
-        self._pending_bytes -= n
+    def _written(self, task: asyncio.Task[int], chunk: bytes, budget: MemoryBudget) -> None:
+        self._pending_bytes -= len(chunk)
+        budget.release(chunk)
         if not task.cancelled() and task.exception() is not None and self._error is None:
             self._error = task.exception()
 
@@ -193,16 +195,23 @@ class AtomicFile:
 
     async def write(self, chunk: bytes) -> None:
         """Queue ``chunk`` (aiofiles, in order, beside the loop); wait only while more
-        than the back-pressure budget is queued."""
+        than :data:`MAX_QUEUED` bytes are queued here or the chunk does not fit in the
+        loop's memory budget (shared by every stream and file of the loop)."""
         f = self._check("write")
         assert self._executor is not None
         if len(self.head) < HEAD_BYTES:
             self.head += chunk[: HEAD_BYTES - len(self.head)]
         self.size += len(chunk)
         await self._settle(MAX_QUEUED - len(chunk))
-        task = asyncio.ensure_future(f.write(chunk))
+        budget = memory_budget()
+        await budget.acquire(chunk)  # (free when a hash lane or another file holds it already)
+        try:
+            task = asyncio.ensure_future(f.write(chunk))
+        except BaseException:
+            budget.release(chunk)
+            raise
         self._pending_bytes += len(chunk)
-        task.add_done_callback(functools.partial(self._written, n=len(chunk)))
+        task.add_done_callback(functools.partial(self._written, chunk=chunk, budget=budget))
         self._writes.append(task)
         if self.durable:
             self._unsynced += len(chunk)

@@ -4,8 +4,9 @@ A stream that hashes or writes 1 MiB chunks pays a thread hop per chunk if it
 awaits each job (``to_thread.run_sync``, aiofiles); worse, it works in
 lockstep with the consumer. A lane instead queues jobs and one pool thread
 drains the queue back to back, so hashing and writing run beside the event
-loop, on the other core. The loop waits only when too many bytes are queued
-(back pressure) and at the end (``join``).
+loop, on the other core. The loop waits only when the queued bytes of all
+streams are over their shared budget (back pressure) and at the end
+(``join``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from collections.abc import Callable
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from ._memory_budget import MemoryBudget, memory_budget
+
 __all__ = ["Lane", "SerialExecutor"]
 
 T = TypeVar("T")
@@ -29,23 +32,25 @@ _POOL = ThreadPoolExecutor(
 
 
 class Lane:
-    """Runs ``fn(chunk)`` jobs in order on a pool thread; at most ``max_pending`` bytes queued.
+    """Runs ``fn(chunk)`` jobs in order on a pool thread, charging queued chunks to a budget.
 
+    Queued chunks are charged to ``budget`` (by default the running loop's
+    :func:`~aiolayercache._memory_budget.memory_budget`, shared by every
+    stream of the loop): :meth:`submit` waits while the chunk does not fit.
     A job that raises stops the lane: later jobs are dropped and the error is
     raised by the next :meth:`submit` or :meth:`join`. :meth:`close` drops
     what is queued and waits for the running job, so a resource the jobs use
-    can be released safely after it.
+    can be released safely after it. Dropped jobs release their charge.
     """
 
-    def __init__(self, max_pending: int = 8 * 1024 * 1024) -> None:
+    def __init__(self, budget: MemoryBudget | None = None) -> None:
         self._loop = asyncio.get_running_loop()
+        self._budget = budget if budget is not None else memory_budget()
         self._lock = threading.Lock()
         self._jobs: deque[tuple[Callable[[bytes], object], bytes]] = deque()
-        self._pending = 0
         self._running = False
         self._closed = False
         self.error: BaseException | None = None
-        self._max = max_pending
         self._waiters: list[asyncio.Future[None]] = []
 
     def _wake(self) -> None:
@@ -64,12 +69,16 @@ class Lane:
         except RuntimeError:  # the loop is closed: nobody is waiting any more
             pass
 
+    def _drop(self) -> None:
+        # With the lock held: forget queued jobs and release what they held.
+        while self._jobs:
+            self._budget.release(self._jobs.popleft()[1])
+
     def _drain(self) -> None:
         while True:
             with self._lock:
                 if not self._jobs or self.error is not None or self._closed:
-                    self._jobs.clear()
-                    self._pending = 0
+                    self._drop()
                     self._running = False
                     self._wake()
                     return
@@ -79,10 +88,8 @@ class Lane:
             except BaseException as exc:
                 with self._lock:
                     self.error = exc
-            with self._lock:
-                self._pending -= len(chunk)
-                if self._pending < self._max:
-                    self._wake()
+            finally:
+                self._budget.release(chunk)
 
     async def _wait(self, ready: Callable[[], bool]) -> None:
         while True:
@@ -94,20 +101,21 @@ class Lane:
             await fut
 
     async def submit(self, fn: Callable[[bytes], object], chunk: bytes) -> None:
-        """Queue ``fn(chunk)``; wait first while ``max_pending`` bytes are queued."""
+        """Queue ``fn(chunk)``; wait first until the chunk fits in the budget."""
         if self.error is not None:
             raise self.error
         if self._closed:
             raise RuntimeError("lane is closed")
-        if self._pending >= self._max:
-            await self._wait(lambda: self._pending < self._max or self.error is not None)
-            if self.error is not None:
-                raise self.error
+        await self._budget.acquire(chunk)
         with self._lock:
-            self._jobs.append((fn, chunk))
-            self._pending += len(chunk)
-            start = not self._running
-            self._running = True
+            stopped = self.error is not None or self._closed  # (while this job waited)
+            start = not stopped and not self._running
+            if not stopped:
+                self._jobs.append((fn, chunk))
+                self._running = True
+        if stopped:
+            self._budget.release(chunk)
+            raise self.error if self.error is not None else RuntimeError("lane is closed")
         if start:
             _POOL.submit(self._drain)
 
@@ -121,7 +129,7 @@ class Lane:
         """Drop queued jobs and wait for the running one (safe to call more than once)."""
         with self._lock:
             self._closed = True
-            self._jobs.clear()
+            self._drop()
         await self._wait(lambda: not self._running)
 
 

@@ -85,19 +85,21 @@ class Sink(Protocol):
 class VerifyingStream(ChunkStream):
     """Hash and count ``inner`` as it streams; never end cleanly on bad bytes.
 
-    The stream reads one chunk ahead and holds the last chunk back until the
-    digest (and ``size``, when given) is known to match, so a consumer never
-    sees all the bytes and a clean end of stream for content that is wrong:
-    it gets :class:`DigestMismatchError` (or :class:`SizeMismatchError`)
-    instead. Each chunk is also written to ``sinks``, which are committed
-    after the match and before the last chunk is released, or aborted on any
-    failure, cancellation or early close. ``on_mismatch`` runs after a
-    mismatch (a cache removes its entry there).
+    The stream holds the last chunk back until the digest (and ``size``, when
+    given) is known to match, so a consumer never sees all the bytes and a
+    clean end of stream for content that is wrong: it gets
+    :class:`DigestMismatchError` (or :class:`SizeMismatchError`) instead.
+    Each chunk is also written to ``sinks``, which are committed after the
+    match and before the last chunk is released, or aborted on any failure,
+    cancellation or early close. ``on_mismatch`` runs after a
+    mismatch (a cache removes its entry there). With ``size`` the last chunk
+    is known when it arrives; without, the stream reads one chunk ahead.
 
     Hashing runs in a :class:`~aiolayercache._lane.Lane` beside the event
-    loop, so it overlaps with receiving the next chunk. When ``inner`` is
-    itself a ``VerifyingStream`` for the same digest, its verdict is trusted
-    and the bytes are not hashed twice (sizes are still counted).
+    loop, so it overlaps with receiving the next chunk; the chunks it queues
+    count against the loop's memory budget (:mod:`._memory_budget`). When
+    ``inner`` is itself a ``VerifyingStream`` for the same digest, its verdict
+    is trusted and the bytes are not hashed twice (sizes are still counted).
     """
 
     def __init__(
@@ -213,6 +215,8 @@ class VerifyingStream(ChunkStream):
         if self._failed:
             raise BrokenResourceError(f"{self.what}: stream failed earlier")
         try:
+            if self.expected_size is not None:
+                return await self._next_sized(self.expected_size)
             if not self._started:
                 self._started = True
                 self._ahead = await self._recv()
@@ -235,6 +239,20 @@ class VerifyingStream(ChunkStream):
             if isinstance(exc, DigestMismatchError):
                 await self._condemn()
             raise
+
+    async def _next_sized(self, size: int) -> bytes | None:
+        # The size tells which chunk is the last: no need to read one ahead (and hold a
+        # chunk per stream). The last is handed out only after the end was read, the
+        # digest matched and the sinks committed; a short stream fails in _finish.
+        chunk = await self._recv()
+        if chunk is not None and self.received < size:
+            return chunk
+        if chunk is not None:
+            while await self._recv() == b"":  # the end; one byte more is a SizeMismatchError
+                pass
+        await self._finish()
+        self._ended = True
+        return chunk
 
     async def _aclose(self) -> None:
         try:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import re
+import weakref
 
 import aiohttp
 import anyio
 from anyio.abc import ByteReceiveStream
 
 from .._errors import SizeMismatchError
+from .._memory_budget import MemoryBudget, memory_budget
 from .._types import Descriptor
 from ..streams import CHUNK_SIZE, ChunkStream, VerifyingStream
 from ._errors import NET_ERRORS, RemoteError, TransportError, redact
@@ -21,6 +23,7 @@ __all__ = ["BlobStream", "open_blob"]
 log = logging.getLogger("aiolayercache.remote")
 
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+_GATHER = CHUNK_SIZE  # the size of the chunks a blob body is joined into
 
 
 async def open_blob(source: BlobSource, ref: Reference, desc: Descriptor) -> ByteReceiveStream:
@@ -44,9 +47,14 @@ class BlobStream(ChunkStream):
         self.resumes = 0
         self._stalled = 0
         self._resumed_at = 0
+        self._rest = b""  # received past the last chunk handed out (not yet in ``offset``)
+        self._fed = 0  # bytes taken from the current response's body
+        self._budget: MemoryBudget | None = None
+        self._held: list[bytes] = []  # the chunk last handed out, charged to the budget
 
     async def start(self) -> None:
         self._resp = await self._open(0)
+        self._fed = 0
 
     async def _open(self, offset: int) -> aiohttp.ClientResponse:
         resp = await self._source.open_blob_response(self._ref, self._desc, offset)
@@ -100,55 +108,110 @@ class BlobStream(ChunkStream):
         log.debug("%s cut off at byte %d (%s); resuming", what, reached, exc)
         await anyio.sleep(policy.delay(max(0, self._stalled - 1)) if self._stalled else 0)
         self._resp = await self._open(reached)
+        self._fed = 0
 
     async def _next(self) -> bytes | None:
-        # Gather what the socket hands over (readany: no copy) and join it once per
-        # ~1 MiB: every byte is copied once, not twice.
-        parts: list[bytes] = []
-        got = 0
-        size = self._desc.size
+        # Memory: the chunk handed out last stays charged to the loop's budget (held)
+        # until now, while it travels to the lanes and files that take it (they charge
+        # it once more for free). A chunk waits for room in the budget after its first
+        # piece came and before any more is taken from aiohttp, and then takes only what
+        # aiohttp has buffered: no room is held while waiting on the network (a stalled
+        # server holds up nobody), and while the budget is full the bytes wait in aiohttp
+        # and the kernel.
+        # CPU: readany hands over all that aiohttp buffered, joined in C (the socket's
+        # pieces are small, often ~16 KiB: one Python step each would cost more than the
+        # copy); a piece of half a chunk or more goes out as it is, smaller ones are
+        # joined with what else is buffered.
+        budget = self._budget
+        if budget is None:
+            budget = self._budget = memory_budget()
+            weakref.finalize(self, _let_go, budget, self._held)
+        if self._held:
+            budget.unhold(self._held.pop())
+        if not self._rest:
+            first = await self._first_piece()
+            if first is None:
+                return None
+            self._rest = first  # (kept if cancelled below)
+        n = max(len(self._rest), min(_GATHER, self._desc.size - self.offset))
+        await budget.reserve(n)
+        parts, self._rest = [self._rest], b""
+        got = len(parts[0])
+        while got < _GATHER // 2:
+            piece = await self._buffered_piece()
+            if piece is None:
+                break
+            if got + len(piece) > _GATHER:
+                # At most _GATHER out: a bigger chunk would be cut by ``receive`` into a
+                # copy of its first part and a view keeping the whole alive.
+                self._rest = piece[_GATHER - got :]
+                piece = piece[: _GATHER - got]
+            parts.append(piece)
+            got += len(piece)
+        chunk = parts[0] if len(parts) == 1 else b"".join(parts)
+        self.offset += got
+        budget.hold(chunk, n)
+        self._held.append(chunk)
+        return chunk
 
-        def take() -> bytes:
-            nonlocal parts, got
-            out = parts[0] if len(parts) == 1 else b"".join(parts)
-            self.offset += got
-            parts, got = [], 0
-            return out
+    def _take_skip(self, data: bytes) -> bytes:
+        if self._skip:
+            drop = min(self._skip, len(data))
+            self._skip -= drop
+            data = data[drop:]
+        return data
 
-        while got < CHUNK_SIZE:
+    async def _first_piece(self) -> bytes | None:
+        """The next bytes of the body, waiting on the network (and resuming) as needed."""
+        while True:
             resp = self._resp
             if resp is None:
-                await self._resume(None, self.offset + got)
+                await self._resume(None, self.offset)
                 continue
             try:
                 data = await resp.content.readany()
             except NET_ERRORS as exc:
                 if isinstance(exc, RemoteError):
                     raise
-                out = take()
                 await self._resume(exc, self.offset)
-                if out:
-                    return out
                 continue
+            self._fed += len(data)
             if not data:
-                if self.offset + got < size:
-                    out = take()
+                if self.offset < self._desc.size:
                     await self._resume(ConnectionError("body ended early"), self.offset)
-                    if out:
-                        return out
                     continue
-                break
-            if self._skip:
-                drop = min(self._skip, len(data))
-                self._skip -= drop
-                data = data[drop:]
-                if not data:
-                    continue
-            parts.append(data)
-            got += len(data)
-        return take() if got else None
+                return None
+            data = self._take_skip(data)
+            if data:
+                return data
+
+    async def _buffered_piece(self) -> bytes | None:
+        """A piece aiohttp holds already (returned without waiting), or None."""
+        while self._resp is not None:
+            content = self._resp.content
+            if content.total_bytes <= self._fed:
+                return None  # nothing buffered: hand out what we have rather than wait
+            try:
+                data = await content.readany()
+            except NET_ERRORS as exc:
+                if isinstance(exc, RemoteError):
+                    raise
+                return None  # the next chunk's first read meets it again, and resumes
+            self._fed += len(data)
+            data = self._take_skip(data)
+            if data:
+                return data
+        return None
 
     async def _aclose(self) -> None:
+        if self._held and self._budget is not None:
+            self._budget.unhold(self._held.pop())
         if self._resp is not None:
             self._resp.close()
             self._resp = None
+
+
+def _let_go(budget: MemoryBudget, held: list[bytes]) -> None:
+    """Finalizer of a stream dropped without ``aclose``: its hold goes back to the budget."""
+    if held:
+        budget.unhold(held.pop())

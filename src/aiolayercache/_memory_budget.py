@@ -1,0 +1,218 @@
+"""One memory budget per event loop: the chunk bytes that all its streams have in flight.
+
+A stream reads a chunk from a socket, hashes it in a lane and writes it to
+files through queues that pool threads drain (:mod:`._lane`,
+:mod:`._atomic`). Each queue bounded on its own lets memory grow with the
+streams in flight; this budget bounds their sum instead, so the peak stays
+flat however many layers and images a program pulls at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import weakref
+
+__all__ = ["DEFAULT_LIMIT", "MemoryBudget", "memory_budget"]
+
+DEFAULT_LIMIT = 2 * 1024 * 1024
+"""The limit of a loop's budget unless set otherwise (``memory_budget().limit = n``)."""
+
+
+class MemoryBudget:
+    """The bytes of the chunks in flight: read ahead of need, or queued for background work.
+
+    Two kinds of holders charge chunks here:
+
+    - *jobs* (:meth:`acquire`, :meth:`release`): a hash lane or a file's write
+      queue holds a chunk until a pool thread is done with it;
+    - *streams* (:meth:`reserve`, then :meth:`hold`, :meth:`unhold`): a
+      stream that reads from the network reserves room *before* it reads
+      (so when the budget is full the bytes wait in the kernel, not here),
+      turns the reservation into a hold on the chunk it read, and keeps that
+      hold until it is asked for the next chunk, so the chunk stays charged
+      while it travels to the lanes and files that take it.
+
+    A chunk object is charged once, when its first holder takes it, and
+    released when its last holder lets go: a chunk that is read, hashed,
+    written to a cache entry and written to a layout blob counts once.
+
+    A holder waits while its bytes do not fit under :attr:`limit`, except
+    when no job holds anything: then what is charged is only streams'
+    reservations and holds, which wait on the network or on consumers and
+    which no pool thread will free, so waiting would be for nothing. So
+    nothing deadlocks, however many streams share the budget and whatever
+    their consumers do (read them in turn, interleave them, leave one open),
+    and streams stalled on a slow server hold up nobody else. The budget is
+    exceeded only while no job holds anything (the disk keeps up), by what
+    the streams in flight are reading: at most one chunk each.
+
+    Every charge must be matched by one release of the same object, made
+    while the caller still references it (the object's ``id`` is the key).
+    :meth:`release` may be called from any thread. :attr:`high_water` is the
+    most ever charged at once; :attr:`waits` counts the times a holder had
+    to wait.
+    """
+
+    def __init__(self, limit: int = DEFAULT_LIMIT) -> None:
+        if limit < 1:
+            raise ValueError("the memory budget must be at least one byte")
+        self.limit = limit
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        self._lock = threading.Lock()
+        # id(chunk) -> [holders, of which streams, size]; the chunk is alive while listed.
+        self._chunks: dict[int, list[int]] = {}
+        self.charged = 0  # chunk bytes and reservations
+        self.reserved = 0
+        self._streams = 0  # reservations, and bytes of chunks that only streams hold
+        self.high_water = 0
+        self.waits = 0
+        self._waiters: list[asyncio.Future[None]] = []
+
+    # --- with the lock held -----------------------------------------------------------
+
+    def _admits(self, n: int) -> bool:
+        # Fits, or no job holds anything (nothing will be freed without the network's
+        # or a consumer's help).
+        return self.charged + n <= self.limit or self.charged == self._streams
+
+    def _charge(self, n: int) -> None:
+        self.charged += n
+        if self.charged > self.high_water:
+            self.high_water = self.charged
+
+    def _add(self, chunk: bytes, stream: bool) -> None:
+        entry = self._chunks.get(id(chunk))
+        if entry is None:
+            self._chunks[id(chunk)] = [1, int(stream), len(chunk)]
+            self._charge(len(chunk))
+            if stream:
+                self._streams += len(chunk)
+            return
+        if entry[0] == entry[1] and not stream:
+            self._streams -= entry[2]  # a job holds it now: it will be let go
+        entry[0] += 1
+        entry[1] += stream
+
+    def _drop(self, chunk: bytes, stream: bool) -> bool:
+        """Remove one holder; say whether waiters may be let in now."""
+        key = id(chunk)
+        entry = self._chunks[key]
+        streams_only = entry[0] == entry[1]
+        entry[0] -= 1
+        entry[1] -= stream
+        if entry[0] == 0:
+            del self._chunks[key]
+            self.charged -= entry[2]
+            if streams_only:
+                self._streams -= entry[2]
+            return True
+        if entry[0] == entry[1] and not streams_only:
+            self._streams += entry[2]  # only streams hold it now
+            return True
+        return False
+
+    def _woken(self) -> list[asyncio.Future[None]]:
+        waiters, self._waiters = self._waiters, []
+        return waiters
+
+    # --- without ---------------------------------------------------------------------
+
+    def _wake(self, waiters: list[asyncio.Future[None]]) -> None:
+        if not waiters:
+            return
+        if threading.get_ident() == self._loop_thread:
+            _wake(waiters)
+            return
+        try:
+            self._loop.call_soon_threadsafe(_wake, waiters)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
+
+    async def _admit(self, n: int, chunk: bytes | None) -> None:
+        # Charge ``n`` reserved bytes (chunk None) or a job's hold on ``chunk``, once admitted.
+        counted = False
+        while True:
+            with self._lock:
+                if chunk is not None and id(chunk) in self._chunks:
+                    self._add(chunk, False)  # charged already: a holder more costs nothing
+                    return
+                if self._admits(n):
+                    if chunk is None:
+                        self.reserved += n
+                        self._streams += n
+                        self._charge(n)
+                    else:
+                        self._add(chunk, False)
+                    return
+                if not counted:
+                    self.waits += 1
+                    counted = True
+                fut: asyncio.Future[None] = self._loop.create_future()
+                self._waiters.append(fut)
+            await fut
+
+    async def acquire(self, chunk: bytes) -> None:
+        """A job takes ``chunk``: charge it (free when it is charged already), waiting until
+        it fits. Cancelled while waiting, nothing is charged."""
+        await self._admit(len(chunk), chunk)
+
+    def release(self, chunk: bytes) -> None:
+        """A job is done with ``chunk`` (from any thread)."""
+        with self._lock:
+            waiters = self._woken() if self._drop(chunk, False) else []
+        self._wake(waiters)
+
+    async def reserve(self, n: int) -> None:
+        """Room for ``n`` bytes a stream is about to read; waits until they fit.
+
+        Follow with :meth:`hold` (the chunk read) or :meth:`unreserve`.
+        Cancelled while waiting, nothing is charged.
+        """
+        await self._admit(n, None)
+
+    def unreserve(self, n: int) -> None:
+        """Give back a reservation that no chunk filled."""
+        with self._lock:
+            self.reserved -= n
+            self._streams -= n
+            self.charged -= n
+            waiters = self._woken()
+        self._wake(waiters)
+
+    def hold(self, chunk: bytes, reserved: int) -> None:
+        """Turn a reservation of ``reserved`` bytes into a stream's hold on ``chunk``."""
+        with self._lock:
+            self.reserved -= reserved
+            self._streams -= reserved
+            self.charged -= reserved
+            self._add(chunk, True)
+            waiters = self._woken() if len(chunk) < reserved else []
+        self._wake(waiters)
+
+    def unhold(self, chunk: bytes) -> None:
+        """A stream lets go of ``chunk`` (it was passed on)."""
+        with self._lock:
+            waiters = self._woken() if self._drop(chunk, True) else []
+        self._wake(waiters)
+
+
+def _wake(waiters: list[asyncio.Future[None]]) -> None:
+    for w in waiters:
+        if not w.done():
+            w.set_result(None)
+
+
+_BUDGETS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, MemoryBudget] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def memory_budget() -> MemoryBudget:
+    """The budget of the running event loop (made with :data:`DEFAULT_LIMIT` on first use)."""
+    loop = asyncio.get_running_loop()
+    budget = _BUDGETS.get(loop)
+    if budget is None:
+        budget = _BUDGETS[loop] = MemoryBudget(DEFAULT_LIMIT)
+    return budget
