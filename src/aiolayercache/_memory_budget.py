@@ -10,11 +10,13 @@ flat however many layers and images a program pulls at once.
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import threading
 import weakref
 from collections import deque
 
-__all__ = ["DEFAULT_LIMIT", "MemoryBudget", "memory_budget"]
+__all__ = ["DEFAULT_LIMIT", "MemoryBudget", "memory_budget", "tune_malloc"]
 
 DEFAULT_LIMIT = 2 * 1024 * 1024
 """The limit of a loop's budget unless set otherwise (``memory_budget().limit = n``)."""
@@ -235,3 +237,37 @@ def memory_budget() -> MemoryBudget:
     if budget is None:
         budget = _BUDGETS[loop] = MemoryBudget(DEFAULT_LIMIT)
     return budget
+
+
+_M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters (malloc.h)
+_M_MMAP_THRESHOLD = -3
+
+
+def tune_malloc(*, mmap_threshold: int = 4 << 20, trim_threshold: int = 32 << 20) -> bool:
+    """Set glibc's malloc for streaming chunks of about 1 MiB; say whether it was done.
+
+    A process-wide setting, so the library never calls it: the command line
+    does, and a program may. By default glibc serves a freed 1 MiB chunk's
+    successor from the heap but gives the heap's top back to the kernel
+    whenever a few MiB there are free, so with little in flight (the memory
+    budget) the same pages are returned and faulted in again for every
+    chunk. Fixed thresholds keep chunks of up to ``mmap_threshold`` in the
+    heap and up to ``trim_threshold`` free at its top: the peak stays what
+    is in flight, the page faults go. Not glibc (or not Linux): nothing is
+    done.
+    """
+    if sys.platform != "linux":
+        return False
+    try:
+        if not os.confstr("CS_GNU_LIBC_VERSION"):
+            return False
+    except (ValueError, OSError):
+        return False
+    import ctypes
+
+    mallopt = ctypes.CDLL(None).mallopt
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(
+        mallopt(_M_TRIM_THRESHOLD, trim_threshold)
+    )
