@@ -30,11 +30,13 @@ class MemoryBudget:
     - *jobs* (:meth:`acquire`, :meth:`release`): a hash lane or a file's write
       queue holds a chunk until a pool thread is done with it;
     - *streams* (:meth:`reserve`, then :meth:`hold`, :meth:`unhold`): a
-      stream that reads from the network reserves room *before* it reads
-      (so when the budget is full the bytes wait in the kernel, not here),
-      turns the reservation into a hold on the chunk it read, and keeps that
-      hold until it is asked for the next chunk, so the chunk stays charged
-      while it travels to the lanes and files that take it.
+      stream that reads from the network reserves room before it takes a
+      chunk's worth from its connection (so when the budget is full the
+      bytes wait in the connection's buffer and the kernel, not here; it
+      holds no room while it waits on the network), turns the reservation
+      into a hold on the chunk it read, and keeps that hold until it is
+      asked for the next chunk, so the chunk stays charged while it travels
+      to the lanes and files that take it.
 
     A chunk object is charged once, when its first holder takes it, and
     released when its last holder lets go: a chunk that is read, hashed,
