@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import sys
 import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -326,3 +328,11 @@ async def test_a_cancelled_read_gives_back_what_it_charged(
             await s.aclose()
     assert budget.charged == 0
     assert entries(tmp_path / "cache") == []
+
+
+def test_tune_malloc_is_for_programs_to_call() -> None:
+    # A process-wide setting: tried in a process of its own, never in the library's.
+    code = "from aiolayercache._memory_budget import tune_malloc; print(tune_malloc())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    glibc = sys.platform == "linux" and bool(os.confstr("CS_GNU_LIBC_VERSION"))
+    assert out.stdout.strip() == str(glibc)

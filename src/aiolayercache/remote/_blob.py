@@ -118,10 +118,6 @@ class BlobStream(ChunkStream):
         # aiohttp has buffered: no room is held while waiting on the network (a stalled
         # server holds up nobody), and while the budget is full the bytes wait in aiohttp
         # and the kernel.
-        # CPU: readany hands over all that aiohttp buffered, joined in C (the socket's
-        # pieces are small, often ~16 KiB: one Python step each would cost more than the
-        # copy); a piece of half a chunk or more goes out as it is, smaller ones are
-        # joined with what else is buffered.
         budget = self._budget
         if budget is None:
             budget = self._budget = memory_budget()
@@ -137,7 +133,7 @@ class BlobStream(ChunkStream):
         await budget.reserve(n)
         parts, self._rest = [self._rest], b""
         got = len(parts[0])
-        while got < _GATHER // 2:
+        while got < _GATHER:
             piece = await self._buffered_piece()
             if piece is None:
                 break
@@ -148,6 +144,7 @@ class BlobStream(ChunkStream):
                 piece = piece[: _GATHER - got]
             parts.append(piece)
             got += len(piece)
+        # Gathered as the socket handed it over (readchunk: no copy), joined once.
         chunk = parts[0] if len(parts) == 1 else b"".join(parts)
         self.offset += got
         budget.hold(chunk, n)
@@ -169,7 +166,7 @@ class BlobStream(ChunkStream):
                 await self._resume(None, self.offset)
                 continue
             try:
-                data = await resp.content.readany()
+                data, chunk_end = await resp.content.readchunk()
             except NET_ERRORS as exc:
                 if isinstance(exc, RemoteError):
                     raise
@@ -177,6 +174,8 @@ class BlobStream(ChunkStream):
                 continue
             self._fed += len(data)
             if not data:
+                if chunk_end:
+                    continue  # the end of an HTTP chunk (chunked encoding), not of the body
                 if self.offset < self._desc.size:
                     await self._resume(ConnectionError("body ended early"), self.offset)
                     continue
@@ -192,7 +191,7 @@ class BlobStream(ChunkStream):
             if content.total_bytes <= self._fed:
                 return None  # nothing buffered: hand out what we have rather than wait
             try:
-                data = await content.readany()
+                data, _ = await content.readchunk()
             except NET_ERRORS as exc:
                 if isinstance(exc, RemoteError):
                     raise
