@@ -61,7 +61,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             code = anyio.run(_cache_cmd.cache_command, args)
         else:
+            from .._memory_budget import tune_malloc
             from . import _progress
+
+            tune_malloc()  # streaming 1 MiB chunks: no trim and fault again per chunk
 
             mode = "quiet" if args.quiet else ("rich" if sys.stderr.isatty() else "plain")
             if args.command in ("copy", "push"):
