@@ -282,7 +282,9 @@ async def test_blob_cut_off_resumes_with_range(
     proxy.add(path, fault, cut)
     img = cache.image(await client.image(f"{proxy.address}/test/big:v1"), FilesystemCache(tmp_path))
     await validate.image(img)
-    assert f"bytes={cut}-" in proxy.stats.range_headers
+    # From the byte reached, or a little before it: bytes aiohttp had buffered when the
+    # connection was cut are dropped with it, and fetched again.
+    assert any(0 < _range_start(r) <= cut for r in proxy.stats.range_headers)
 
 
 async def test_blob_cut_off_without_range_support_restarts(
@@ -293,7 +295,15 @@ async def test_blob_cut_off_without_range_support_restarts(
     proxy.add(path, "no_range")  # the resume is answered with the whole blob (200)
     img = await client.image(f"{proxy.address}/test/big:v1")
     await validate.image(img)
-    assert proxy.stats.range_headers[:1] == ["bytes=700000-"]
+    assert len(proxy.stats.range_headers) >= 1
+    assert 0 < _range_start(proxy.stats.range_headers[0]) <= 700_000
+
+
+def _range_start(header: str) -> int:
+    """N of a ``bytes=N-`` Range header (-1 for any other form)."""
+    if header.startswith("bytes=") and header.endswith("-") and header[6:-1].isdigit():
+        return int(header[6:-1])
+    return -1
 
 
 async def test_wrong_content_range_restarts_from_zero(

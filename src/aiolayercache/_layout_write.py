@@ -216,6 +216,7 @@ class _Writer:
                 async with stream:
                     async for chunk in stream:
                         await out.write(chunk)
+                        del chunk  # (not held while the next is read: the memory budget)
             # Only bytes hashed on their way in earn a proof.
             await out.commit(after=functools.partial(_record_proof, out.final, h))
         except BaseException:

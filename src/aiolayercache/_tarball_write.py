@@ -61,6 +61,7 @@ async def _member(out: AtomicFile, desc: Descriptor, layer: Layer, written: set[
             await out.write(first)
         async for chunk in stream:
             await out.write(chunk)
+            del chunk  # (not held while the next is read: the memory budget)
         await out.write(_padding(desc.size))
         written.add(name)
     return name
