@@ -32,7 +32,7 @@ __all__ = ["AtomicFile", "DirSync", "fsync_dir", "sweep_temps"]
 
 SYNC_EVERY = 32 * 1024 * 1024
 MAX_QUEUED = 8 * 1024 * 1024  # bytes of writes queued before ``write`` waits
-_HASH_STEP = 4 * 1024 * 1024
+_HASH_STEP = 1024 * 1024  # one reusable buffer of this per job: memory stays flat
 HEAD_BYTES = 512  # what is kept of a file's start: enough to tell gzip, zstd and tar apart
 _fdatasync = getattr(os, "fdatasync", os.fsync)
 _fadvise = getattr(os, "posix_fadvise", None)
@@ -55,6 +55,19 @@ def link_fd(fd: int, dst: str) -> bool:
     finally:
         os.close(fds)
     return True
+
+
+def hash_fd(fd: int, start: int, n: int, hasher: Any, buf: bytearray) -> None:
+    """Feed ``n`` bytes of ``fd`` from ``start`` to ``hasher``, through ``buf`` (reused:
+    no allocation per step, so concurrent jobs keep memory flat)."""
+    view = memoryview(buf)
+    pos, end = start, start + n
+    while pos < end:
+        got = os.preadv(fd, [view[: min(end - pos, len(buf))]], pos)
+        if not got:
+            raise OSError(f"the file ended after {pos - start} of {n} bytes")
+        hasher.update(view[:got])
+        pos += got
 
 
 def _close_all(fds: list[int]) -> None:
@@ -223,6 +236,7 @@ class AtomicFile:
     def _copy_sync(self, src: int, size: int, expected: Hash) -> Hash:
         dst = self._fd_box[0]
         hasher = expected.hasher()
+        buf = bytearray(_HASH_STEP)
         done = 0
         copy_range = getattr(os, "copy_file_range", None)
         step = 16 * 1024 * 1024
@@ -235,20 +249,14 @@ class AtomicFile:
                     copy_range = None  # not on this filesystem pair: copy by hand
                     continue
                 # Hash the bytes that landed, read back from the copy, not the source.
-                pos = done
-                while pos < done + n:
-                    data = os.pread(dst, min(done + n - pos, _HASH_STEP), pos)
-                    if not data:
-                        raise OSError(f"the copy ended after {pos} of {size} bytes")
-                    hasher.update(data)
-                    pos += len(data)
+                hash_fd(dst, done, n, hasher, buf)
             else:
-                data = os.pread(src, min(size - done, _HASH_STEP), done)
-                hasher.update(data)
-                view = memoryview(data)
+                got = os.preadv(src, [buf[: min(size - done, _HASH_STEP)]], done)
+                view = memoryview(buf)[:got]
+                hasher.update(view)
                 while view:
                     view = view[os.write(dst, view) :]
-                n = len(data)
+                n = got
             if n == 0:
                 raise OSError(f"source ended after {done} of {size} bytes")
             if self.durable and _fadvise is not None:
@@ -284,13 +292,7 @@ class AtomicFile:
                 os.unlink(link)
                 return None
             hasher = expected.hasher()
-            pos = 0
-            while pos < size:
-                data = os.pread(src_fd, min(size - pos, _HASH_STEP), pos)
-                if not data:
-                    raise OSError(f"the file ended after {pos} of {size} bytes")
-                hasher.update(data)
-                pos += len(data)
+            hash_fd(src_fd, 0, size, hasher, bytearray(_HASH_STEP))
             got = Hash(expected.algorithm, hasher.hexdigest())
             if got != expected:
                 os.unlink(link)
