@@ -455,3 +455,34 @@ def test_ctrl_c_outside_a_command_exits_130_with_a_message(
         cli.run()
     assert exc.value.code == cli.EXIT_INTERRUPTED == 130
     assert capsys.readouterr().err == "aiolayercache: interrupted\n"
+
+
+@pytest.mark.anyio
+async def test_no_link_possible_copies_the_entry_not_the_upstream_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cache and layout on different filesystems (no link): each blob is copied from the
+    entry the tee just filled, hashing what lands; the upstream is read once, not twice."""
+    from aiolayercache.cache import _fs
+
+    reopened: list[int] = []
+    real_filled = _fs.FilledEntry
+
+    def counting(take: object, durable: bool, reopen: object) -> object:
+        async def again() -> object:
+            reopened.append(1)
+            return await reopen()  # type: ignore[operator]
+
+        return real_filled(take, durable, again)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_fs, "FilledEntry", counting)
+    monkeypatch.setattr(_atomic, "link_fd", lambda fd, dst: False)
+    fs = FilesystemCache(tmp_path / "c")
+    src = random.image(300 * 1024, 3)
+    await layout.write(tmp_path / "out", cache.image(src, fs))
+    assert reopened == []
+    for layer in await src.layers():
+        d = await layer.digest()
+        blob = _blob(tmp_path / "out", d)
+        assert "sha256:" + hashlib.sha256(blob.read_bytes()).hexdigest() == str(d)
+        assert blob.stat().st_nlink == 1

@@ -229,13 +229,18 @@ class _Writer:
             fd = filled.take()  # (ended cleanly: the entry is committed, or was not kept)
         if fd is None:
             return False
+        proof = functools.partial(_record_proof, out.final, h)
         try:
             # Only bytes hashed on their way in earn a proof (the tee hashed these).
-            return await out.commit_link(
-                fd,
-                fsync=self.durable and not filled.durable,
-                after=functools.partial(_record_proof, out.final, h),
-            )
+            if await out.commit_link(fd, fsync=self.durable and not filled.durable, after=proof):
+                return True
+            # No link here (another filesystem, not permitted): copy that same file, not
+            # the upstream again, hashing what lands.
+            landed = await out.copy_from(fd, desc.size, h)
+            if landed != h:
+                raise DigestMismatchError(f"cache copy of blob {h}", h, landed)
+            await out.commit(after=proof)
+            return True
         finally:
             os.close(fd)
 
