@@ -18,7 +18,7 @@ import aiofiles.threadpool.binary
 import anyio
 import anyio.to_thread
 
-from ._dirs import DirSync, fsync_dir, sweep_temps
+from ._dirs import DirSync, close_all, fsync_dir, hash_fd, link_fd, sweep_temps
 from ._hash import Hash
 from ._lane import SerialExecutor
 from ._memory_budget import MemoryBudget, memory_budget
@@ -38,42 +38,6 @@ _fdatasync = getattr(os, "fdatasync", os.fsync)
 _fadvise = getattr(os, "posix_fadvise", None)
 _DONTNEED = getattr(os, "POSIX_FADV_DONTNEED", 4)
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
-
-
-def link_fd(fd: int, dst: str) -> bool:
-    """Hard-link the inode open as ``fd`` at ``dst`` (linkat through /proc/self/fd, so the
-    very file, not whatever its old path names now). False where that cannot be done
-    (no /proc, another filesystem, not permitted, too many links, ``dst`` exists)."""
-    try:
-        fds = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:  # (AT_SYMLINK_FOLLOW: plain link() would link the /proc symlink itself)
-        os.link(str(fd), dst, src_dir_fd=fds, follow_symlinks=True)
-    except OSError:
-        return False
-    finally:
-        os.close(fds)
-    return True
-
-
-def hash_fd(fd: int, start: int, n: int, hasher: Any, buf: bytearray) -> None:
-    """Feed ``n`` bytes of ``fd`` from ``start`` to ``hasher``, through ``buf`` (reused:
-    no allocation per step, so concurrent jobs keep memory flat)."""
-    view = memoryview(buf)
-    pos, end = start, start + n
-    while pos < end:
-        got = os.preadv(fd, [view[: min(end - pos, len(buf))]], pos)
-        if not got:
-            raise OSError(f"the file ended after {pos - start} of {n} bytes")
-        hasher.update(view[:got])
-        pos += got
-
-
-def _close_all(fds: list[int]) -> None:
-    while fds:
-        with contextlib.suppress(OSError):
-            os.close(fds.pop())
 
 
 def _cleanup(tmp: str, fd_box: list[int]) -> None:
@@ -116,7 +80,7 @@ class AtomicFile:
         # With keep_open, the committed file stays open (``kept``) until close_kept().
         self.keep_open = False
         self._kept: list[int] = []
-        self._kept_finalizer = weakref.finalize(self, _close_all, self._kept)
+        self._kept_finalizer = weakref.finalize(self, close_all, self._kept)
         self.head = b""
         self.size = 0
         self._fd_box: list[int] = []
@@ -288,9 +252,6 @@ class AtomicFile:
         if not link_fd(src_fd, link):
             return None
         try:
-            if os.lstat(link).st_ino != os.fstat(src_fd).st_ino:
-                os.unlink(link)
-                return None
             hasher = expected.hasher()
             hash_fd(src_fd, 0, size, hasher, bytearray(_HASH_STEP))
             got = Hash(expected.algorithm, hasher.hexdigest())

@@ -1,4 +1,5 @@
-"""Directories of atomically written files: their fsync (batched) and their temp sweep."""
+"""Directories of atomically written files and the files' descriptors: the directory's
+fsync (batched), its temp sweep, and linking and hashing a file by its descriptor."""
 
 from __future__ import annotations
 
@@ -7,13 +8,14 @@ import os
 import re
 import stat
 import threading
+from typing import Any
 
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["TEMP_NAME", "DirSync", "fsync_dir", "sweep_temps"]
+__all__ = ["TEMP_NAME", "DirSync", "close_all", "fsync_dir", "hash_fd", "link_fd", "sweep_temps"]
 
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
 
@@ -110,3 +112,39 @@ def sweep_temps(directory: str, *, ours_only: bool = False) -> list[str]:
         finally:
             os.close(fd)
     return removed
+
+
+def link_fd(fd: int, dst: str) -> bool:
+    """Hard-link the inode open as ``fd`` at ``dst`` (linkat through /proc/self/fd, so the
+    very file, not whatever its old path names now). False where that cannot be done
+    (no /proc, another filesystem, not permitted, too many links, ``dst`` exists)."""
+    try:
+        fds = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:  # (AT_SYMLINK_FOLLOW: plain link() would link the /proc symlink itself)
+        os.link(str(fd), dst, src_dir_fd=fds, follow_symlinks=True)
+    except OSError:
+        return False
+    finally:
+        os.close(fds)
+    return True
+
+
+def hash_fd(fd: int, start: int, n: int, hasher: Any, buf: bytearray) -> None:
+    """Feed ``n`` bytes of ``fd`` from ``start`` to ``hasher``, through ``buf`` (reused:
+    no allocation per step, so concurrent jobs keep memory flat)."""
+    view = memoryview(buf)
+    pos, end = start, start + n
+    while pos < end:
+        got = os.preadv(fd, [view[: min(end - pos, len(buf))]], pos)
+        if not got:
+            raise OSError(f"the file ended after {pos - start} of {n} bytes")
+        hasher.update(view[:got])
+        pos += got
+
+
+def close_all(fds: list[int]) -> None:
+    while fds:
+        with contextlib.suppress(OSError):
+            os.close(fds.pop())

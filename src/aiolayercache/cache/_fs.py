@@ -423,7 +423,6 @@ class FilesystemCache:
         finally:
             OPENING.reset(opening)
         sink.attach()
-        # A layout on this filesystem may link the committed entry instead of a second copy.
         extra = {}
         if link:  # the reader may link the committed entry instead of a second copy
             filled = FilledEntry(sink.take_committed, durable, open_upstream)

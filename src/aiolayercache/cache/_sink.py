@@ -46,7 +46,6 @@ class EntrySink:
         keep_open: bool = False,
     ) -> None:
         self._store = store
-        self._h = h
         self.h = h
         self._info = info
         self._flight = flight
@@ -68,7 +67,7 @@ class EntrySink:
         try:
             self._file.open_sync()
         except OSError as exc:
-            self._on_error(self._h, exc)
+            self._on_error(self.h, exc)
 
     def attach(self) -> None:
         if self._file.is_open:
@@ -78,7 +77,7 @@ class EntrySink:
         try:
             await self._file.open()
         except OSError as exc:
-            self._on_error(self._h, exc)
+            self._on_error(self.h, exc)
 
     async def write(self, chunk: bytes) -> None:
         if not self._file.is_open:
@@ -86,7 +85,7 @@ class EntrySink:
         try:
             await self._file.write(chunk)
         except OSError as exc:
-            self._on_error(self._h, exc)
+            self._on_error(self.h, exc)
             await self._file.discard()
 
     async def commit(self) -> None:
@@ -96,7 +95,7 @@ class EntrySink:
             try:
                 await self._file.commit(after=self._record)
             except OSError as exc:
-                self._on_error(self._h, exc)
+                self._on_error(self.h, exc)
                 await self._file.discard()
         finally:
             self.release()
@@ -109,7 +108,7 @@ class EntrySink:
         meta = Meta(st.st_size, st.st_mtime_ns, st.st_ino, sniff(self._file.head), **self._info)
         self._store.save(self._file.final, meta)
         if self._on_commit is not None:  # (in the file's worker thread, after the rename)
-            self._on_commit(self._h, st.st_size)
+            self._on_commit(self.h, st.st_size)
 
     def take_committed(self) -> int | None:
         """The committed entry's file, open (the inode these bytes went into), or None;
